@@ -1,0 +1,1 @@
+"""Command handlers for the CLI, one module per command group."""
