@@ -1,0 +1,264 @@
+"""Write a plan as one flattened PAX tar stream (file, pipe or stdout).
+
+Order, chosen so that every consumer can extract it in one pass and each layer blob is read
+once, front to back:
+
+1. every entry without data (directories, symlinks, devices, FIFOs, empty files), in tree
+   order: every directory, implied ones included, comes before its children;
+2. regular files with data, layer by layer, in the order their bytes sit in the layer;
+3. hardlinks, whose targets all exist by then.
+
+Headers are PAX with numeric ids only (no user/group names: ownership must not depend on the
+host's passwd), xattrs as ``SCHILY.xattr.*``, sparse files as GNU sparse 1.0 (holes stay holes).
+A regular file whose original header already says exactly that (same name, plain ustar block,
+no names) is copied through byte for byte. GNU tar, libarchive and ``mke2fs -d -`` read it.
+"""
+
+from __future__ import annotations
+
+import tarfile
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import BinaryIO
+
+from worker.cache.index import EntryKind, IndexEntry
+from worker.errors import Canceled, CorruptLayer
+from worker.flatten.plan import FlatPlan, PlannedEntry
+from worker.flatten.reader import BlobLocator, LayerStream
+from worker.progress import Phase, ProgressCallback, ProgressEvent, no_progress
+
+BLOCKSIZE = 512
+RECORDSIZE = 20 * BLOCKSIZE
+_FLUSH_AT = 1 << 20
+
+_TYPES = {
+    EntryKind.FILE: tarfile.REGTYPE,
+    EntryKind.DIR: tarfile.DIRTYPE,
+    EntryKind.SYMLINK: tarfile.SYMTYPE,
+    EntryKind.HARDLINK: tarfile.LNKTYPE,
+    EntryKind.CHAR: tarfile.CHRTYPE,
+    EntryKind.BLOCK: tarfile.BLKTYPE,
+    EntryKind.FIFO: tarfile.FIFOTYPE,
+}
+
+
+@dataclass(slots=True)
+class TarReport:
+    entries: int = 0
+    bytes_written: int = 0
+    data_bytes: int = 0
+    passthrough: int = 0
+    layers_read: int = 0
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+class _Out:
+    """Large buffered writes to a binary file object we do not own (never closed here)."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self._f = f
+        self._buf = bytearray()
+        self.written = 0
+
+    def write(self, data: bytes | memoryview) -> None:
+        n = len(data)
+        if n >= _FLUSH_AT:
+            self.flush()
+            self._write_all(data)
+        else:
+            self._buf += data
+            if len(self._buf) >= _FLUSH_AT:
+                self.flush()
+        self.written += n
+
+    def _write_all(self, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data)
+        while len(view):
+            n = self._f.write(view)
+            if n is None:  # non-blocking raw stream: not supported, but don't spin silently
+                raise OSError("output stream would block")
+            view = view[n:]
+
+    def flush(self) -> None:
+        if self._buf:
+            self._write_all(self._buf)
+            self._buf = bytearray()
+
+
+def _mtime(e: IndexEntry) -> int | float:
+    m = e.mtime
+    return int(m) if float(m).is_integer() else m
+
+
+def _tarinfo(path: str, e: IndexEntry, kind: EntryKind, *, linkname: str = "",
+             size: int = 0) -> tarfile.TarInfo:
+    ti = tarfile.TarInfo(path)
+    ti.type = _TYPES[kind]
+    ti.mode = e.mode & 0o7777
+    ti.uid, ti.gid = e.uid, e.gid
+    ti.uname = ti.gname = ""
+    ti.mtime = _mtime(e)
+    ti.size = size
+    ti.linkname = linkname
+    if kind in (EntryKind.CHAR, EntryKind.BLOCK):
+        ti.devmajor, ti.devminor = e.devmajor, e.devminor
+    if e.xattrs:
+        ti.pax_headers = {"SCHILY.xattr." + k: v.decode("utf-8", "surrogateescape")
+                          for k, v in e.xattrs}
+    return ti
+
+
+def _encode(ti: tarfile.TarInfo) -> bytes:
+    return ti.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+
+
+def sparse_map(e: IndexEntry) -> list[tuple[int, int]]:
+    """The entry's data chunks in GNU sparse 1.0 form (ending at the apparent size)."""
+    chunks = sorted((o, n) for o, n in (e.sparse or ()) if n > 0)
+    if not chunks or chunks[-1][0] + chunks[-1][1] < e.size:
+        chunks.append((e.size, 0))
+    return chunks
+
+
+def header_for(pe: PlannedEntry) -> bytes:
+    """The PAX header block(s) for ``pe`` (data, if any, follows; sparse map included)."""
+    e = pe.entry
+    if pe.link_to is not None:
+        return _encode(_tarinfo(pe.path, e, EntryKind.HARDLINK, linkname=pe.link_to))
+    kind = e.kind
+    if kind == EntryKind.SYMLINK:
+        return _encode(_tarinfo(pe.path, e, kind, linkname=e.linkname))
+    if kind == EntryKind.FILE and e.sparse is not None:
+        chunks = sparse_map(e)
+        if sum(n for _, n in chunks) != e.data_size:
+            raise CorruptLayer("sparse map does not add up to the stored size", path=pe.path)
+        text = f"{len(chunks)}\n" + "".join(f"{o}\n{n}\n" for o, n in chunks)
+        mapblock = text.encode()
+        mapblock += b"\0" * (-len(mapblock) % BLOCKSIZE)
+        head, _, tail = pe.path.rpartition("/")
+        fake = (head + "/" if head else "") + "GNUSparseFile.0/" + tail
+        ti = _tarinfo(fake, e, kind, size=len(mapblock) + e.data_size)
+        ti.pax_headers = dict(ti.pax_headers, **{
+            "GNU.sparse.major": "1", "GNU.sparse.minor": "0", "GNU.sparse.name": pe.path,
+            "GNU.sparse.realsize": str(e.size)})
+        return _encode(ti) + mapblock
+    if kind == EntryKind.FILE:
+        return _encode(_tarinfo(pe.path, e, kind, size=e.data_size))
+    return _encode(_tarinfo(pe.path, e, kind))
+
+
+def _raw_ok(raw: bytes, pe: PlannedEntry) -> bool:
+    """True if ``raw`` (the entry's original header) can be copied through unchanged."""
+    if len(raw) != BLOCKSIZE or pe.entry.sparse is not None:
+        return False
+    try:
+        ti = tarfile.TarInfo.frombuf(raw, "utf-8", "surrogateescape")
+    except tarfile.TarError:
+        return False
+    e = pe.entry
+    return (ti.type in (tarfile.REGTYPE, tarfile.AREGTYPE)
+            and ti.name == pe.path and ti.size == e.data_size == e.size
+            and not ti.uname and not ti.gname and not e.xattrs
+            and ti.mode == e.mode and ti.uid == e.uid and ti.gid == e.gid
+            and ti.mtime == e.mtime)
+
+
+class _Progress:
+    def __init__(self, plan: FlatPlan, cb: ProgressCallback) -> None:
+        self.cb = cb
+        self.total = plan.data_bytes
+        self.layers_total = len(plan.layers)
+        self.done = 0
+        self.layers_done = 0
+        self._last = 0
+
+    def emit(self, message: str = "", force: bool = False) -> None:
+        if force or self.done - self._last >= 64 << 20:
+            self._last = self.done
+            self.cb(ProgressEvent(phase=Phase.APPLY, bytes_done=self.done,
+                                  bytes_total=self.total, layers_done=self.layers_done,
+                                  layers_total=self.layers_total, message=message))
+
+
+def _check(cancel: threading.Event | None) -> None:
+    if cancel is not None and cancel.is_set():
+        raise Canceled("export canceled")
+
+
+def write_tar(plan: FlatPlan, out: BinaryIO, locate: BlobLocator, *,
+              progress: ProgressCallback = no_progress,
+              cancel: threading.Event | None = None,
+              on_layer_done: Callable[[int], None] | None = None,
+              passthrough: bool = True) -> TarReport:
+    """Write ``plan`` as a flattened PAX tar to ``out`` (not closed); return what was written.
+
+    ``locate`` maps a layer to its cached blob. ``on_layer_done(i)`` is called once per layer,
+    bottom to top, as soon as layer ``i`` will not be read again (``--low-disk`` deletes it).
+    ``cancel`` is checked between layers and while reading. Raises CorruptLayer, Canceled, OSError.
+    """
+    w = _Out(out)
+    rep = TarReport(counts=dict(plan.counts))
+    prog = _Progress(plan, progress)
+    prog.emit("writing directories and links", force=True)
+
+    for pe in plan.entries:
+        if pe.link_to is None and not pe.has_data:
+            if pe.path == "." and pe.entry.kind == EntryKind.DIR:
+                w.write(_encode(_tarinfo("./", pe.entry, EntryKind.DIR)))
+            else:
+                w.write(header_for(pe))
+            rep.entries += 1
+
+    data_layers = plan.data_layers()
+    for i, layer in enumerate(plan.layers):
+        _check(cancel)
+        todo = data_layers.get(i)
+        if todo:
+            stream = LayerStream(locate(layer), layer.compression, layer=layer.digest,
+                                 cancel=cancel)
+            try:
+                for pe in todo:
+                    e = pe.entry
+                    raw = b""
+                    if passthrough and e.sparse is None and e.header_offset < e.data_offset \
+                            and e.data_offset - e.header_offset == BLOCKSIZE:
+                        stream.skip_to(e.header_offset)
+                        raw = stream.read_bytes(BLOCKSIZE)
+                    if raw and _raw_ok(raw, pe):
+                        w.write(raw)
+                        rep.passthrough += 1
+                    else:
+                        w.write(header_for(pe))
+                    stream.skip_to(e.data_offset)
+                    for piece in stream.read(e.data_size):
+                        w.write(piece)
+                        prog.done += len(piece)
+                    pad = -e.data_size % BLOCKSIZE
+                    if pad:
+                        w.write(b"\0" * pad)
+                    rep.entries += 1
+                    rep.data_bytes += e.data_size
+                    prog.emit(f"layer {i + 1}/{len(plan.layers)}")
+            finally:
+                stream.close()
+            rep.layers_read += 1
+        prog.layers_done = i + 1
+        prog.emit(f"layer {i + 1}/{len(plan.layers)} applied", force=True)
+        if on_layer_done is not None:
+            on_layer_done(i)
+
+    _check(cancel)
+    for pe in plan.entries:
+        if pe.link_to is not None:
+            w.write(header_for(pe))
+            rep.entries += 1
+
+    w.write(b"\0" * (2 * BLOCKSIZE))
+    w.write(b"\0" * (-w.written % RECORDSIZE))
+    w.flush()
+    flush = getattr(out, "flush", None)
+    if flush is not None:
+        flush()
+    rep.bytes_written = w.written
+    return rep
