@@ -17,19 +17,64 @@ any failure (or cancel) removes it, the staging directory and any mount / loop d
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
 import threading
+import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import IO, TYPE_CHECKING, Any, BinaryIO, cast
 
-from worker.progress import ProgressCallback, no_progress
+from worker.cache.index import IndexEntry
+from worker.errors import Canceled, ConfigError, PackagingError, RootfsExportError, ToolMissing
+from worker.flatten.plan import FlatPlan
+from worker.package.e2fs import (
+    BLOCK_SIZE,
+    INODE_SIZE,
+    debugfs_quote,
+    debugfs_script,
+    find_tool,
+    fsck_check,
+    fsck_fix,
+    resize,
+    run_tool,
+    superblock,
+    tail,
+    tar_stream_support,
+    tool_env,
+)
+from worker.package.features import mke2fs_option, resolve_features
+from worker.package.loop import loop_available, loop_mounted
+from worker.package.sizing import (
+    ContentNeeds,
+    align_up,
+    content_needs,
+    headroom_bytes,
+    initial_fs_size,
+    inode_count,
+)
+from worker.progress import Phase, ProgressCallback, ProgressEvent, no_progress
 
 if TYPE_CHECKING:
     # worker.export imports this module from build_output: keep the import one-way at runtime.
-    from worker.export import ExportRequest, Ext4Method
-    from worker.flatten.plan import FlatPlan
+    from worker.export import ExportRequest, Ext4Method, Ext4Options
     from worker.settings import Settings
+
+log = logging.getLogger(__name__)
+
+#: bump when a change alters the bytes produced for the same input (part of the UUID seed)
+FORMAT_VERSION = "rootfs-export-ext4/1"
+_NAMESPACE = uuid.UUID("6f3d1c2e-5b7a-4e8f-9a0b-1c2d3e4f5a6b")
+F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 
 #: writes the flattened PAX tar of the plan (every directory before its children) to a
 #: binary file object; must not close it. Called at most once, possibly in another thread.
@@ -94,4 +139,486 @@ def build_ext4(plan: FlatPlan, request: ExportRequest, settings: Settings, *,
     ``build_output`` writes it with :func:`worker.package.sidecar.write_sidecar` after it made
     the ExportResult. Raises PackagingError / ToolMissing / Canceled; leaves nothing behind.
     """
-    raise NotImplementedError
+    from worker.export import Ext4Method
+
+    opts = request.ext4
+    started = time.monotonic()
+    timings: dict[str, float] = {}
+    out = Path(request.output).absolute()
+    if request.output == "-":
+        raise ConfigError("an ext4 image cannot be written to stdout; give a file with -o")
+    if opts.size is not None and opts.shrink:
+        raise ConfigError("--size and --shrink contradict each other: give one of them")
+    features = resolve_features(opts.features)
+    label = _check_label(opts.label)
+    fraction = settings.ext4_headroom if opts.headroom is None else opts.headroom
+    min_free = settings.ext4_min_free if opts.min_free is None else opts.min_free
+    if fraction < 0 or min_free < 0:
+        raise ConfigError("--headroom must not be negative")
+    alignment = settings.ext4_alignment
+    if alignment % BLOCK_SIZE:
+        raise ConfigError(f"ROOTFS_EXPORT_EXT4_ALIGNMENT: {alignment} is not a multiple of "
+                          f"{BLOCK_SIZE} (the block size)")
+    method, warnings = choose_method(plan, opts.method, strict=opts.strict)
+    _check_cancel(cancel)
+    if not out.parent.is_dir():
+        raise PackagingError(f"cannot write {out}: directory {out.parent} does not exist")
+
+    needs = content_needs(plan)
+    free_target = headroom_bytes(needs, fraction, min_free)
+    seed = _identity_seed(identity, opts, features, label, alignment, fraction, min_free)
+    fs_uuid = str(uuid.uuid5(_NAMESPACE, "uuid:" + seed))
+    hash_seed = str(uuid.uuid5(_NAMESPACE, "hash_seed:" + seed))
+
+    # A private work directory next to the output: the temporary image (renamed into place on
+    # success), sizing probes, the staging directory and the mount point all live in it.
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    image = work / "image.ext4"
+    try:
+        progress(ProgressEvent(Phase.PACKAGE, message=f"sizing ext4 image ({method} method)"))
+        fs_bytes, inodes = _choose_geometry(work, needs, free_target, opts.size, alignment,
+                                            features)
+        mkfs = _mke2fs_args(features, label, fs_uuid, hash_seed, inodes)
+        _check_cancel(cancel)
+        progress(ProgressEvent(Phase.PACKAGE, bytes_total=plan.data_bytes,
+                               message=f"writing ext4 image ({method} method)"))
+        t0 = time.monotonic()
+        if method == Ext4Method.STREAM:
+            _build_stream(mkfs, image, fs_bytes, write_tar, plan, progress, cancel)
+            _debugfs_fixups(image, plan, xattrs=True, hardlinks=True, root=False)
+        elif method == Ext4Method.MOUNT:
+            _build_mount(mkfs, image, fs_bytes, work, write_dir, cancel)
+        else:
+            _build_dir(mkfs, image, fs_bytes, work, write_dir, cancel)
+            _debugfs_fixups(image, plan, xattrs=False, hardlinks=False, root=True)
+        timings["package"] = time.monotonic() - t0
+        _check_cancel(cancel)
+
+        progress(ProgressEvent(Phase.CHECK, message="checking the filesystem (e2fsck -fn)"))
+        t0 = time.monotonic()
+        fsck_check(image)
+        timings["check"] = time.monotonic() - t0
+        if opts.shrink:
+            t0 = time.monotonic()
+            fs_bytes = _shrink(image, free_target, alignment)
+            timings["shrink"] = time.monotonic() - t0
+        _check_cancel(cancel)
+
+        sb = superblock(image)
+        blocks = int(sb["Block count"])
+        fs_bytes = blocks * BLOCK_SIZE
+        file_bytes = align_up(fs_bytes, alignment)
+        with open(image, "r+b") as f:
+            f.truncate(file_bytes)
+            os.fsync(f.fileno())
+        t0 = time.monotonic()
+        digest = _sha256_sparse(image)
+        timings["sha256"] = time.monotonic() - t0
+        os.chmod(image, 0o644)
+        os.replace(image, out)
+        timings["total"] = time.monotonic() - started
+        progress(ProgressEvent(Phase.PACKAGE, bytes_done=plan.data_bytes,
+                               bytes_total=plan.data_bytes, message=f"wrote {out}"))
+        return Ext4Build(
+            output=out, output_size=file_bytes, sha256=digest, method=method,
+            fs_size=fs_bytes, block_size=int(sb["Block size"]), blocks=blocks,
+            inodes=int(sb["Inode count"]), free_blocks=int(sb["Free blocks"]),
+            free_inodes=int(sb["Free inodes"]),
+            features=tuple(sb.get("Filesystem features", "").split()),
+            label=label, uuid=sb.get("Filesystem UUID", fs_uuid),
+            timings=timings, warnings=tuple(warnings))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        if work.exists():   # e.g. a mount that refused to go away: say so, do not hide it
+            log.error("could not remove work directory %s", work)
+
+
+# -- method choice -----------------------------------------------------------------------------
+
+def stream_blockers(plan: FlatPlan) -> list[str]:
+    """Why the stream method cannot reproduce ``plan`` exactly (empty list: it can).
+
+    ``mke2fs -d -`` keeps only the ``security.capability`` xattr; the others are set
+    afterwards with debugfs, which addresses files by path on a line-based script: a path
+    holding a newline cannot be written there.
+    """
+    problems = []
+    for planned in plan.entries:
+        if any(name != "security.capability" for name, _ in planned.entry.xattrs) \
+                and ("\n" in planned.path or len(planned.path) > 4000):
+            problems.append(f"xattrs on {planned.path!r} cannot be set by path with debugfs")
+    return problems
+
+
+def _lossy_as_non_root(plan: FlatPlan) -> list[str]:
+    lost = []
+    owners = {(p.entry.uid, p.entry.gid) for p in plan.entries}
+    if owners - {(os.geteuid(), os.getegid())}:
+        lost.append("file ownership (everything becomes owned by the invoking user)")
+    devices = sum(plan.counts.get(k, 0) for k in ("char", "block"))
+    if devices:
+        lost.append(f"{devices} device node(s)")
+    if any(name.startswith(("trusted.", "security.")) for p in plan.entries
+           for name, _ in p.entry.xattrs):
+        lost.append("trusted.*/security.* xattrs")
+    return lost
+
+
+def choose_method(plan: FlatPlan, requested: Ext4Method, *,
+                  strict: bool = False) -> tuple[Ext4Method, list[str]]:
+    """The method to use for ``plan`` and any warnings; errors if a forced one cannot run.
+
+    Auto: ``stream`` where ``mke2fs -d -`` works and can reproduce the plan, else ``mount`` as
+    root with loop devices, else ``dir`` (lossy as non-root: warned, refused with ``strict``).
+    """
+    from worker.export import Ext4Method
+
+    warnings: list[str] = []
+    stream_ok, stream_why = tar_stream_support()
+    blockers = stream_blockers(plan) if stream_ok else []
+    loop_ok, loop_why = loop_available()
+    if requested == Ext4Method.STREAM:
+        if not stream_ok:
+            raise ToolMissing(f"--ext4-method stream is not available: {stream_why}")
+        if blockers:
+            raise PackagingError("--ext4-method stream cannot reproduce this image: "
+                                 + "; ".join(blockers[:5]))
+        return Ext4Method.STREAM, warnings
+    if requested == Ext4Method.MOUNT:
+        if not loop_ok:
+            raise PackagingError(f"--ext4-method mount is not available: {loop_why}")
+        return Ext4Method.MOUNT, warnings
+    if requested == Ext4Method.AUTO:
+        if stream_ok and not blockers:
+            return Ext4Method.STREAM, warnings
+        if loop_ok:
+            return Ext4Method.MOUNT, warnings
+    if os.geteuid() != 0:
+        lost = _lossy_as_non_root(plan)
+        if lost:
+            why = ("the dir method as non-root cannot keep " + ", ".join(lost)
+                   + (f" (stream method unavailable: {stream_why})" if not stream_ok else ""))
+            if strict:
+                raise PackagingError(f"refusing a lossy build (--strict): {why}")
+            warnings.append(why)
+            log.warning("%s", why)
+    return Ext4Method.DIR, warnings
+
+
+# -- geometry ------------------------------------------------------------------------------------
+
+def _check_label(label: str) -> str:
+    if len(label.encode()) > 16:
+        raise ConfigError(f"--label {label!r} is longer than ext4's 16 bytes")
+    return label
+
+
+def _identity_seed(identity: str, opts: Ext4Options, features: tuple[str, ...], label: str,
+                   alignment: int, fraction: float, min_free: int) -> str:
+    return json.dumps({
+        "format": FORMAT_VERSION, "identity": identity, "features": list(features),
+        "label": label, "size": opts.size, "headroom": fraction, "min_free": min_free,
+        "shrink": opts.shrink, "alignment": alignment,
+    }, sort_keys=True)
+
+
+def _mke2fs_args(features: tuple[str, ...], label: str, fs_uuid: str, hash_seed: str,
+                 inodes: int) -> list[str]:
+    return ["mke2fs", "-q", "-F", "-t", "ext4", "-b", str(BLOCK_SIZE), "-I", str(INODE_SIZE),
+            "-m", "0", "-N", str(inodes), "-O", mke2fs_option(features), "-L", label,
+            "-U", fs_uuid,
+            "-E", f"hash_seed={hash_seed},root_owner=0:0,lazy_itable_init=0,lazy_journal_init=0"]
+
+
+def _probe(work: Path, fs_bytes: int, features: tuple[str, ...], inodes: int) -> dict[str, str]:
+    """Format an empty filesystem of ``fs_bytes`` with our options; return its superblock."""
+    probe = work / "probe.ext4"
+    try:
+        args = _mke2fs_args(features, "probe", str(uuid.UUID(int=0)), str(uuid.UUID(int=0)),
+                            inodes)
+        args[-1] = "lazy_itable_init=1,lazy_journal_init=1,nodiscard"
+        run_tool([*args, str(probe), str(fs_bytes // 1024) + "k"], what="mke2fs (sizing probe)",
+                 timeout=600)
+        return superblock(probe)
+    finally:
+        probe.unlink(missing_ok=True)
+
+
+def _choose_geometry(work: Path, needs: ContentNeeds, free_target: int, size: int | None,
+                     alignment: int, features: tuple[str, ...]) -> tuple[int, int]:
+    """(filesystem bytes, inode count) that hold ``needs`` plus ``free_target`` bytes free."""
+    if size is not None:
+        fs_bytes = align_up(size, alignment)
+        spare = max(0, fs_bytes - needs.bytes)
+        inodes = needs.inodes + max(1024, needs.inodes // 4) + spare // (64 << 10)
+        sb = _probe_checked(work, fs_bytes, features, inodes, needs, size)
+        free_blocks = int(sb["Free blocks"])
+        if free_blocks < needs.blocks:
+            raise PackagingError(
+                f"--size {_human(size)} is too small for this image: its content needs about "
+                f"{_human(needs.bytes)} ({needs.inodes} inodes) and a {_human(fs_bytes)} "
+                f"filesystem leaves {_human(free_blocks * BLOCK_SIZE)} for it after its own "
+                f"metadata; use at least --size {_human(_min_size(work, needs, features, alignment))}"
+                " or leave --size out to size it automatically")
+        return fs_bytes, inodes
+    inodes = inode_count(needs, free_target)
+    fs_bytes = initial_fs_size(needs, inodes, free_target, alignment)
+    need_blocks = needs.blocks + -(-free_target // BLOCK_SIZE)
+    for _ in range(10):
+        sb = _probe(work, fs_bytes, features, inodes)
+        free_blocks = int(sb["Free blocks"])
+        if free_blocks >= need_blocks:
+            return fs_bytes, inodes
+        fs_bytes = align_up(fs_bytes + (need_blocks - free_blocks) * BLOCK_SIZE, alignment)
+    raise PackagingError(f"could not size an ext4 image for {_human(needs.bytes)} of content")
+
+
+def _probe_checked(work: Path, fs_bytes: int, features: tuple[str, ...], inodes: int,
+                   needs: ContentNeeds, size: int) -> dict[str, str]:
+    try:
+        return _probe(work, fs_bytes, features, inodes)
+    except PackagingError as exc:
+        raise PackagingError(f"--size {_human(size)} is too small for this image (content "
+                             f"needs about {_human(needs.bytes)}, {needs.inodes} inodes): "
+                             f"{exc}") from None
+
+
+def _min_size(work: Path, needs: ContentNeeds, features: tuple[str, ...], alignment: int) -> int:
+    inodes = needs.inodes + max(1024, needs.inodes // 4)
+    fs_bytes = initial_fs_size(needs, inodes, 0, alignment)
+    for _ in range(10):
+        try:
+            free_blocks = int(_probe(work, fs_bytes, features, inodes)["Free blocks"])
+        except PackagingError:
+            free_blocks = 0
+        if free_blocks >= needs.blocks:
+            return fs_bytes
+        fs_bytes = align_up(fs_bytes + max(needs.blocks - free_blocks, 1) * BLOCK_SIZE,
+                            alignment)
+    return fs_bytes
+
+
+def _human(n: int) -> str:
+    for unit, size in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if n >= size:
+            value = n / size
+            return f"{value:.1f}{unit}".replace(".0" + unit, unit)
+    return f"{n}B"
+
+
+# -- the three methods ---------------------------------------------------------------------------
+
+class _CountingPipe:
+    """The tar writer's file object: mke2fs's stdin, counting bytes for progress."""
+
+    def __init__(self, raw: IO[bytes], plan: FlatPlan, progress: ProgressCallback) -> None:
+        self._raw = raw
+        self._progress = progress
+        self._total = plan.data_bytes
+        self.written = 0
+        self._next_report = 0.0
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        n = self._raw.write(data)
+        self.written += len(data)
+        now = time.monotonic()
+        if now >= self._next_report:
+            self._next_report = now + 0.5
+            self._progress(ProgressEvent(Phase.PACKAGE, bytes_done=min(self.written, self._total),
+                                         bytes_total=self._total,
+                                         message="streaming into mke2fs"))
+        return n if n is not None else len(data)
+
+    def flush(self) -> None:
+        self._raw.flush()
+
+    def writable(self) -> bool:
+        return True
+
+
+def _build_stream(mkfs: list[str], image: Path, fs_bytes: int, write_tar: TarWriter,
+                  plan: FlatPlan, progress: ProgressCallback,
+                  cancel: threading.Event | None) -> None:
+    """``write_tar`` in a thread -> pipe -> ``mke2fs -d -``; either side failing stops both."""
+    argv = [find_tool(mkfs[0]), *mkfs[1:], "-d", "-", str(image), f"{fs_bytes // 1024}k"]
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, env=tool_env())
+    assert proc.stdin is not None and proc.stdout is not None
+    with contextlib.suppress(OSError):   # a bigger pipe: fewer context switches
+        fcntl.fcntl(proc.stdin.fileno(), F_SETPIPE_SZ, 1 << 20)
+    output: list[bytes] = []
+    reader = threading.Thread(target=lambda: output.append(proc.stdout.read()),  # type: ignore[union-attr]
+                              name="mke2fs-output", daemon=True)
+    reader.start()
+    writer_error: list[BaseException] = []
+    stdin = proc.stdin
+
+    def feed() -> None:
+        try:
+            write_tar(cast(BinaryIO, _CountingPipe(stdin, plan, progress)))
+        except BaseException as exc:   # noqa: BLE001 - handed to the main thread
+            writer_error.append(exc)
+            with contextlib.suppress(OSError):
+                proc.kill()
+        finally:
+            with contextlib.suppress(OSError):
+                stdin.close()
+
+    writer = threading.Thread(target=feed, name="tar-writer", daemon=True)
+    writer.start()
+    try:
+        while True:
+            try:
+                proc.wait(timeout=0.2)
+                break
+            except subprocess.TimeoutExpired:
+                if cancel is not None and cancel.is_set():
+                    proc.kill()
+        writer.join(timeout=60)
+        if writer.is_alive():
+            raise PackagingError("the tar writer did not stop after mke2fs exited")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        writer.join(timeout=10)
+        reader.join(timeout=10)
+    _check_cancel(cancel)
+    text = b"".join(output).decode(errors="replace")
+    failure = writer_error[0] if writer_error else None
+    if failure is not None and not isinstance(failure, BrokenPipeError):
+        if isinstance(failure, RootfsExportError):
+            raise failure
+        raise PackagingError(f"writing the flattened tar into mke2fs failed: {failure!r}"
+                             + (f"\nmke2fs said:\n{tail(text)}" if text.strip() else "")
+                             ) from failure
+    if proc.returncode != 0:
+        if "Could not allocate" in text or "No space left" in text:
+            raise PackagingError(f"the ext4 image ({_human(fs_bytes)}) is too small for this "
+                                 f"image's content; mke2fs said:\n{tail(text)}")
+        raise PackagingError(f"mke2fs -d - failed (exit {proc.returncode}):\n{tail(text)}")
+    if failure is not None:   # a broken pipe although mke2fs succeeded: it stopped reading
+        raise PackagingError(f"mke2fs stopped reading the tar stream early:\n{tail(text)}")
+
+
+_TYPE_BITS = {"file": 0o100000, "dir": 0o040000, "symlink": 0o120000, "char": 0o020000,
+              "block": 0o060000, "fifo": 0o010000}
+
+
+def _metadata_commands(target: str, entry: IndexEntry) -> list[str]:
+    quoted = debugfs_quote(target)
+    mode = _TYPE_BITS.get(str(entry.kind), 0) | (entry.mode & 0o7777)
+    return [f"sif {quoted} mode 0{mode:o}", f"sif {quoted} uid {entry.uid}",
+            f"sif {quoted} gid {entry.gid}", f"sif {quoted} mtime @{int(entry.mtime)}"]
+
+
+def _debugfs_fixups(image: Path, plan: FlatPlan, *, xattrs: bool, hardlinks: bool,
+                    root: bool) -> None:
+    """Put back, with one debugfs script, what ``mke2fs -d`` gets wrong or drops.
+
+    ``xattrs``: ``mke2fs -d -`` keeps only security.capability; set the others.
+    ``hardlinks``: ``mke2fs -d -`` applies each hardlink header's metadata to the shared inode;
+    the inode's metadata is its owner entry's (as the mount and dir methods produce).
+    ``root``: ``mke2fs -d DIR`` does not copy the source directory's own metadata to the root.
+    """
+    commands: list[str] = []
+    values: list[str] = []
+    linked = {p.link_to for p in plan.entries if p.link_to is not None} if hardlinks else set()
+    with tempfile.TemporaryDirectory(prefix="rootfs-export-fixup-") as tmp:
+        for planned in plan.entries:
+            if planned.link_to is not None:
+                continue
+            target = "/" if planned.path == "." else "/" + planned.path
+            if (root and planned.path == ".") or planned.path in linked:
+                commands.extend(_metadata_commands(target, planned.entry))
+            if not xattrs:
+                continue
+            for name, value in planned.entry.xattrs:
+                if name == "security.capability":
+                    continue
+                vfile = os.path.join(tmp, str(len(values)))
+                with open(vfile, "wb") as f:
+                    f.write(value)
+                values.append(vfile)
+                commands.append(f"ea_set -f {vfile} {debugfs_quote(target)} "
+                                f"{debugfs_quote(name)}")
+        if commands:
+            debugfs_script(image, commands, write=True)
+
+
+def _build_mount(mkfs: list[str], image: Path, fs_bytes: int, work: Path, write_dir: DirWriter,
+                 cancel: threading.Event | None) -> None:
+    run_tool([*mkfs, str(image), f"{fs_bytes // 1024}k"], what="mke2fs", timeout=3600)
+    mnt = work / "mnt"
+    mnt.mkdir(mode=0o700)
+    with loop_mounted(image, mnt):
+        _check_cancel(cancel)
+        write_dir(mnt)
+        _check_cancel(cancel)
+
+
+def _build_dir(mkfs: list[str], image: Path, fs_bytes: int, work: Path, write_dir: DirWriter,
+               cancel: threading.Event | None) -> None:
+    staging = work / "rootfs"
+    staging.mkdir(mode=0o700)
+    write_dir(staging)
+    _check_cancel(cancel)
+    res = run_tool([*mkfs, "-d", str(staging), str(image), f"{fs_bytes // 1024}k"],
+                   what="mke2fs -d DIR", timeout=3600, check=False)
+    if res.returncode != 0:
+        text = res.stdout + res.stderr
+        if "Could not allocate" in text or "No space left" in text:
+            raise PackagingError(f"the ext4 image ({_human(fs_bytes)}) is too small for this "
+                                 f"image's content; mke2fs said:\n{tail(text)}")
+        raise PackagingError(f"mke2fs -d {staging} failed (exit {res.returncode}):\n{tail(text)}")
+
+
+def _shrink(image: Path, free_target: int, alignment: int) -> int:
+    """``e2fsck -f -y``, ``resize2fs -M``, then grow back by ``free_target``; new fs bytes."""
+    fsck_fix(image)
+    resize(image)
+    minimal = int(superblock(image)["Block count"]) * BLOCK_SIZE
+    target = align_up(minimal + free_target, alignment)
+    if target != minimal:
+        with open(image, "r+b") as f:
+            f.truncate(max(target, os.path.getsize(image)))
+        resize(image, target // BLOCK_SIZE)
+    with open(image, "r+b") as f:
+        f.truncate(target)
+    fsck_check(image)
+    return target
+
+
+def _sha256_sparse(path: Path) -> str:
+    """sha256 of a (sparse) file, feeding holes as zeros without reading them from disk."""
+    h = hashlib.sha256()
+    zeros = bytes(1 << 20)
+    with open(path, "rb") as f:
+        fd = f.fileno()
+        size = os.fstat(fd).st_size
+        pos = 0
+        while pos < size:
+            try:
+                data_at = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError:   # ENXIO: only a hole remains
+                data_at = size
+            while pos < data_at:
+                n = min(len(zeros), data_at - pos)
+                h.update(zeros[:n] if n < len(zeros) else zeros)
+                pos += n
+            if pos >= size:
+                break
+            hole_at = os.lseek(fd, pos, os.SEEK_HOLE)
+            f.seek(pos)
+            while pos < hole_at:
+                chunk = f.read(min(1 << 20, hole_at - pos))
+                if not chunk:
+                    raise PackagingError(f"{path} shrank while hashing it")
+                h.update(chunk)
+                pos += len(chunk)
+    return h.hexdigest()
+
+
+def _check_cancel(cancel: threading.Event | None) -> None:
+    if cancel is not None and cancel.is_set():
+        raise Canceled("export canceled; the partial image was removed")

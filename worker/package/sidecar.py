@@ -1,0 +1,32 @@
+"""The ``OUT.json`` sidecar: the export result (image config, digests, sha256) beside the output."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+def sidecar_path(output: str | os.PathLike[str]) -> Path:
+    """``OUT.json`` for output ``OUT``."""
+    return Path(os.fspath(output) + ".json")
+
+
+def write_sidecar(output: str | os.PathLike[str], result: dict[str, Any]) -> Path:
+    """Write ``result`` (``ExportResult.to_dict()``) as ``OUT.json`` atomically; return its path."""
+    path = sidecar_path(output)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=2, sort_keys=True)
+            f.write("\n")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return path
