@@ -1,0 +1,285 @@
+"""The content-addressed blob cache, shareable between threads, processes and hosts.
+
+Layout under ``root``::
+
+    sha256/<hex>          the blob, only ever created by an atomic rename after verification
+    sha256/<hex>.index    its entry index (:func:`worker.cache.index.dump_index`), same rule
+    tmp/                  partial downloads (unique names; stale ones are swept by ``gc``)
+    locks/<hex>.lock      one lock file per digest (flock: exclusive to write, shared to read)
+
+The mtime of a blob is its last use (``touch``), which ``gc`` evicts by, oldest first. A blob
+whose lock anybody holds (a download or a reader) is never evicted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from worker.cache.index import LayerIndex, dump_index, load_index
+from worker.errors import CorruptLayer, LayerError
+from worker.pull.reference import is_valid_digest
+
+INDEX_SUFFIX = ".index"
+#: temp files older than this are leftovers of crashed writers
+STALE_TEMP_SECONDS = 24 * 3600
+
+# flock() conflicts between file descriptors, so it already serialises threads that open the
+# lock file separately; on NFS, Linux emulates flock with POSIX locks, which are per process,
+# so threads of one process additionally take an in-process lock.
+_thread_locks: dict[tuple[str, str], threading.Lock] = {}
+_thread_locks_guard = threading.Lock()
+
+
+def _thread_lock(root: Path, digest: str) -> threading.Lock:
+    key = (str(root), digest)
+    with _thread_locks_guard:
+        lock = _thread_locks.get(key)
+        if lock is None:
+            lock = _thread_locks[key] = threading.Lock()
+        return lock
+
+
+@dataclass(frozen=True, slots=True)
+class CacheEntry:
+    """One cached blob, as listed by ``cache ls``."""
+
+    digest: str
+    size: int               # blob bytes (plus its index, if any)
+    last_used: float        # epoch seconds
+    indexed: bool
+
+
+class BlobCache:
+    """A content-addressed store of verified blobs and their layer indexes."""
+
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root)
+        self.blob_dir = self.root / "sha256"
+        self.tmp_dir = self.root / "tmp"
+        self.lock_dir = self.root / "locks"
+        for d in (self.blob_dir, self.tmp_dir, self.lock_dir):
+            d.mkdir(parents=True, exist_ok=True)
+
+    # -- naming -------------------------------------------------------------------------
+    @staticmethod
+    def _hex(digest: str) -> str:
+        # The digest comes from a registry: it becomes a file name only once it is
+        # known to be sha256:<64 hex> (no "../" games).
+        if not is_valid_digest(digest):
+            raise LayerError(f"invalid blob digest {digest!r}")
+        return digest[len("sha256:"):]
+
+    def path(self, digest: str) -> Path:
+        """Where the blob for ``digest`` lives (whether or not it is present)."""
+        return self.blob_dir / self._hex(digest)
+
+    def index_path(self, digest: str) -> Path:
+        return self.blob_dir / (self._hex(digest) + INDEX_SUFFIX)
+
+    def lock_path(self, digest: str) -> Path:
+        return self.lock_dir / (self._hex(digest) + ".lock")
+
+    # -- queries --------------------------------------------------------------------------
+    def has(self, digest: str) -> bool:
+        """True if the verified blob is present."""
+        return self.path(digest).is_file()
+
+    def has_index(self, digest: str) -> bool:
+        return self.index_path(digest).is_file()
+
+    def open(self, digest: str) -> BinaryIO:
+        """Open the blob for reading; LayerError if it is not cached."""
+        try:
+            return open(self.path(digest), "rb")  # noqa: SIM115 - the caller closes it
+        except FileNotFoundError:
+            raise LayerError("blob is not in the cache", layer=digest) from None
+
+    def index(self, digest: str) -> LayerIndex | None:
+        """The stored layer index, or None if there is none (CorruptLayer if unreadable)."""
+        try:
+            data = self.index_path(digest).read_bytes()
+        except FileNotFoundError:
+            return None
+        try:
+            return load_index(data)
+        except CorruptLayer as exc:
+            raise CorruptLayer(f"cached index is unreadable ({exc}); run `rootfs-export cache "
+                               f"gc` or delete {self.index_path(digest)}", layer=digest) from None
+
+    # -- locking -------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def lock(self, digest: str, *, shared: bool = False,
+             blocking: bool = True) -> Iterator[bool]:
+        """Hold the digest's lock; yields False (without holding it) if not ``blocking`` and busy.
+
+        Writers take it exclusive; readers (flattening from a cached blob) take it shared so
+        ``gc`` leaves the blob alone meanwhile.
+        """
+        tlock = None if shared else _thread_lock(self.root, digest)
+        if tlock is not None and not tlock.acquire(blocking):
+            yield False
+            return
+        try:
+            fd = os.open(self.lock_path(digest), os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                flags = (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | \
+                    (0 if blocking else fcntl.LOCK_NB)
+                try:
+                    fcntl.flock(fd, flags)
+                except OSError as exc:
+                    if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                        yield False
+                        return
+                    raise
+                yield True
+            finally:
+                os.close(fd)  # releases the flock
+        finally:
+            if tlock is not None:
+                tlock.release()
+
+    # -- writing -------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def temp_file(self, digest: str) -> Iterator[tuple[BinaryIO, Path]]:
+        """A uniquely named temp file in ``tmp/``, removed unless :meth:`commit` took it."""
+        fd, name = tempfile.mkstemp(prefix=self._hex(digest)[:16] + ".", suffix=".part",
+                                    dir=self.tmp_dir)
+        path = Path(name)
+        try:
+            with os.fdopen(fd, "w+b") as f:
+                yield f, path
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+    def commit(self, digest: str, temp: Path, index: LayerIndex | None = None) -> Path:
+        """Move a verified temp file into place (atomic rename), then store its index.
+
+        The caller has verified the content. The blob is renamed first and the index second,
+        so a present index always has its blob; a blob without index is re-indexed by the
+        next fetch.
+        """
+        final = self.path(digest)
+        with open(temp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(temp, final)
+        if index is not None:
+            self.put_index(digest, index)
+        self._fsync_dir()
+        return final
+
+    def put_index(self, digest: str, index: LayerIndex) -> None:
+        data = dump_index(index)
+        fd, name = tempfile.mkstemp(prefix=self._hex(digest)[:16] + ".", suffix=".index.part",
+                                    dir=self.tmp_dir)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(name, self.index_path(digest))
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name)
+            raise
+
+    def put_bytes(self, digest: str, data: bytes) -> Path:
+        """Store small verified content (configs) under its digest."""
+        with self.temp_file(digest) as (f, path):
+            f.write(data)
+            f.flush()
+            return self.commit(digest, path)
+
+    def _fsync_dir(self) -> None:
+        with contextlib.suppress(OSError):
+            fd = os.open(self.blob_dir, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    # -- maintenance ---------------------------------------------------------------------
+    def touch(self, digest: str) -> None:
+        """Record a use now (LRU eviction order)."""
+        with contextlib.suppress(FileNotFoundError):
+            os.utime(self.path(digest))
+
+    def delete(self, digest: str) -> bool:
+        """Remove blob and index (low-disk mode, gc). True if something was removed."""
+        removed = False
+        for p in (self.index_path(digest), self.path(digest)):
+            try:
+                p.unlink()
+                removed = True
+            except FileNotFoundError:
+                pass
+        return removed
+
+    def entries(self) -> list[CacheEntry]:
+        """Cached blobs, least recently used first."""
+        out: list[CacheEntry] = []
+        for p in self.blob_dir.iterdir():
+            name = p.name
+            if len(name) != 64 or not is_valid_digest("sha256:" + name):
+                continue
+            try:
+                st = p.stat()
+            except FileNotFoundError:
+                continue
+            size = st.st_size
+            idx = p.with_name(name + INDEX_SUFFIX)
+            try:
+                size += idx.stat().st_size
+                indexed = True
+            except FileNotFoundError:
+                indexed = False
+            out.append(CacheEntry("sha256:" + name, size, st.st_mtime, indexed))
+        out.sort(key=lambda e: (e.last_used, e.digest))
+        return out
+
+    def total_size(self) -> int:
+        return sum(e.size for e in self.entries())
+
+    def gc(self, max_size: int) -> list[CacheEntry]:
+        """Evict least recently used blobs until the cache holds at most ``max_size`` bytes.
+
+        Blobs whose lock is held (being written or read) are skipped. Stale temp files and
+        orphan indexes are removed too. Returns what was evicted.
+        """
+        self._sweep_tmp()
+        entries = self.entries()
+        total = sum(e.size for e in entries)
+        evicted: list[CacheEntry] = []
+        for e in entries:
+            if total <= max_size:
+                break
+            with self.lock(e.digest, blocking=False) as got:
+                if not got:
+                    continue
+                if self.delete(e.digest):
+                    total -= e.size
+                    evicted.append(e)
+            # Lock files stay: unlinking one while another process waits on it would let
+            # a third process lock a fresh file and run alongside.
+        return evicted
+
+    def _sweep_tmp(self) -> None:
+        now = time.time()
+        for p in self.tmp_dir.iterdir():
+            with contextlib.suppress(OSError):
+                if now - p.stat().st_mtime > STALE_TEMP_SECONDS:
+                    p.unlink()
+        for p in self.blob_dir.glob("*" + INDEX_SUFFIX):
+            if not p.with_name(p.name[:-len(INDEX_SUFFIX)]).exists():
+                with contextlib.suppress(OSError):
+                    p.unlink()

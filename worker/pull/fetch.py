@@ -1,0 +1,299 @@
+"""Layer fetching: one pass over the network into a verified, indexed cache entry.
+
+For each layer, the bytes stream once: sha256 + temp file + decompressor (compression sniffed
+from magic bytes) + tar indexer (diff_id, limits). Only when the blob digest and the diff_id
+both check out is the temp file renamed into the cache and its index stored beside it.
+Everything runs in the calling thread, pull-style (tarfile pulls, which pulls the decompressor,
+which pulls the network); :func:`fetch_layers` runs several layers on a bounded thread pool.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+
+from worker.cache.blobs import BlobCache
+from worker.cache.decompress import (
+    Decompressor,
+    media_type_compression,
+    read_file_chunks,
+    sniff_compression,
+)
+from worker.cache.index import IndexEntry, IndexLimits, LayerIndex, index_tar_stream
+from worker.errors import Canceled, DigestMismatch, RootfsExportError
+from worker.progress import (
+    LayerProgress,
+    LayerState,
+    Phase,
+    ProgressCallback,
+    ProgressEvent,
+    no_progress,
+)
+from worker.pull.credentials import Credentials, CredentialSource
+from worker.pull.manifest import Descriptor, ResolvedImage
+from worker.pull.reference import Reference, parse_reference
+from worker.pull.registry import RegistryClient
+from worker.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# Compressed bytes handed to the decompressor at once. Deflate expands at most ~1032:1 and a
+# zstd RLE block ~32768:1, so these bound one step's output to ~64-128 MiB even for a bomb,
+# and the size limit is checked after every step.
+_FEED_STEP = {"gzip": 64 << 10, "zstd": 4 << 10}
+#: minimum seconds between byte-count progress events (state changes always go out)
+PROGRESS_INTERVAL = 0.1
+
+
+def decompress_stream(chunks: Iterable[bytes], *, layer: str | None = None,
+                      on_sniff: Callable[[str], None] | None = None) -> Iterator[bytes]:
+    """Uncompressed chunks from compressed ``chunks``; compression sniffed from magic bytes."""
+    it = iter(chunks)
+    head = b""
+    for chunk in it:
+        head += chunk
+        if len(head) >= 4:
+            break
+    compression = sniff_compression(head)
+    if on_sniff is not None:
+        on_sniff(compression)
+    if compression == "none":
+        if head:
+            yield head
+        yield from it
+        return
+    d = Decompressor(compression, layer=layer)
+    step = _FEED_STEP.get(compression, 1 << 20)
+
+    def pieces() -> Iterator[bytes]:
+        if head:
+            yield head
+        yield from it
+
+    for chunk in pieces():
+        for i in range(0, len(chunk), step):
+            out = d.feed(chunk[i:i + step] if len(chunk) > step else chunk)
+            if out:
+                yield out
+    tail = d.finish()
+    if tail:
+        yield tail
+
+
+def _check_diff_id(image: str, desc: Descriptor, expected: str, actual: str) -> None:
+    if expected and actual != expected:
+        raise DigestMismatch(f"{image}: layer {desc.digest}: uncompressed content (diff_id)",
+                             expected, actual)
+
+
+def fetch_layer_to_cache(client: RegistryClient, ref: Reference, desc: Descriptor,
+                         diff_id: str, cache: BlobCache, settings: Settings, *,
+                         cancel: threading.Event | None = None,
+                         on_bytes: Callable[[int], None] | None = None) -> tuple[LayerIndex, bool]:
+    """Make one layer present, verified and indexed in ``cache``. Idempotent.
+
+    Returns ``(index, was_cached)``. On any error nothing new is left in the cache: no blob,
+    no index, no temp file.
+    """
+    image = str(ref)
+    cached = _cached_index(cache, desc, diff_id, image)
+    if cached is not None:
+        return cached, True
+    with cache.lock(desc.digest):
+        # Another thread, process or host may have finished it while we waited.
+        cached = _cached_index(cache, desc, diff_id, image)
+        if cached is not None:
+            return cached, True
+        limits = IndexLimits.from_settings(settings)
+        if cache.has(desc.digest):
+            # Blob present without index (interrupted between the two renames): index the
+            # verified blob from disk instead of downloading it again.
+            sniffed: list[str] = []
+            tar = index_tar_stream(
+                decompress_stream(read_file_chunks(str(cache.path(desc.digest))),
+                                  layer=desc.digest, on_sniff=sniffed.append),
+                layer=desc.digest, limits=limits)
+            _check_diff_id(image, desc, diff_id, tar.diff_id)
+            index = _make_index(desc, tar.diff_id, sniffed[0] if sniffed else "none",
+                                tar.uncompressed_size, tar.entries)
+            cache.put_index(desc.digest, index)
+            cache.touch(desc.digest)
+            return index, False
+        with cache.temp_file(desc.digest) as (f, tmp):
+            sniffed = []
+
+            def network() -> Iterator[bytes]:
+                for chunk in client.stream_blob(ref, desc, cancel=cancel):
+                    f.write(chunk)
+                    if on_bytes is not None:
+                        on_bytes(len(chunk))
+                    yield chunk
+
+            tar = index_tar_stream(decompress_stream(network(), layer=desc.digest,
+                                                     on_sniff=sniffed.append),
+                                   layer=desc.digest, limits=limits)
+            _check_diff_id(image, desc, diff_id, tar.diff_id)
+            f.flush()
+            compression = sniffed[0] if sniffed else "none"
+            claimed = media_type_compression(desc.media_type)
+            if claimed is not None and claimed != compression:
+                log.info("%s: layer %s claims %s (%s) but is %s", image, desc.digest, claimed,
+                         desc.media_type, compression)
+            index = _make_index(desc, tar.diff_id, compression, tar.uncompressed_size,
+                                tar.entries)
+            cache.commit(desc.digest, tmp, index)
+        return index, False
+
+
+def _make_index(desc: Descriptor, diff_id: str, compression: str, usize: int,
+                entries: tuple[IndexEntry, ...]) -> LayerIndex:
+    return LayerIndex(digest=desc.digest, diff_id=diff_id, media_type=desc.media_type,
+                      compression=compression, compressed_size=desc.size,
+                      uncompressed_size=usize, entries=entries)
+
+
+def _cached_index(cache: BlobCache, desc: Descriptor, diff_id: str,
+                  image: str) -> LayerIndex | None:
+    if not (cache.has(desc.digest) and cache.has_index(desc.digest)):
+        return None
+    index = cache.index(desc.digest)
+    if index is None:
+        return None
+    _check_diff_id(image, desc, diff_id, index.diff_id)
+    cache.touch(desc.digest)
+    return index
+
+
+class ProgressTracker:
+    """Thread-safe per-layer state that emits :class:`ProgressEvent` snapshots."""
+
+    def __init__(self, layers: tuple[Descriptor, ...], callback: ProgressCallback,
+                 phase: Phase = Phase.DOWNLOAD) -> None:
+        self._lock = threading.Lock()
+        self._callback = callback
+        self._phase = phase
+        self._layers = [LayerProgress(d.digest, LayerState.WAITING, 0, d.size) for d in layers]
+        self._last = 0.0
+
+    def event(self, message: str = "") -> ProgressEvent:
+        layers = tuple(self._layers)
+        done_states = (LayerState.CACHED, LayerState.APPLIED)
+        return ProgressEvent(phase=self._phase,
+                             bytes_done=sum(lp.bytes_done for lp in layers),
+                             bytes_total=sum(lp.bytes_total for lp in layers),
+                             layers_done=sum(lp.state in done_states for lp in layers),
+                             layers_total=len(layers), layers=layers, message=message)
+
+    def update(self, i: int, *, state: LayerState | None = None, add_bytes: int = 0,
+               bytes_done: int | None = None, message: str = "") -> None:
+        with self._lock:
+            lp = self._layers[i]
+            new_bytes = lp.bytes_done + add_bytes if bytes_done is None else bytes_done
+            self._layers[i] = LayerProgress(lp.digest, state or lp.state, new_bytes,
+                                            lp.bytes_total)
+            now = time.monotonic()
+            if state is None and not message and now - self._last < PROGRESS_INTERVAL:
+                return
+            self._last = now
+            event = self.event(message)
+        self._callback(event)
+
+
+def fetch_layers(resolved: ResolvedImage, settings: Settings, *,
+                 credentials: Credentials | CredentialSource | None = None,
+                 client: RegistryClient | None = None, cache: BlobCache | None = None,
+                 progress: ProgressCallback = no_progress,
+                 cancel: threading.Event | None = None,
+                 layers: Iterable[int] | None = None) -> list[LayerIndex]:
+    """Fetch all (or the given) layers of ``resolved`` into the cache, concurrently.
+
+    At most ``settings.download_concurrency`` downloads run at once. The first failure stops
+    the others promptly (they check a shared event between chunks) and is raised; it names the
+    layer. Returns the indexes in layer order.
+    """
+    ref = parse_reference(resolved.reference)
+    cache = cache or BlobCache(settings.cache_dir)
+    own_client = client is None
+    client = client or RegistryClient.for_reference(ref, settings, credentials=credentials)
+    wanted = list(layers) if layers is not None else list(range(len(resolved.layers)))
+    tracker = ProgressTracker(resolved.layers, progress)
+    stop = threading.Event()
+    diff_ids = resolved.config.diff_ids
+
+    def watch_user_cancel() -> None:
+        if cancel is not None:
+            while not stop.is_set():
+                if cancel.wait(0.05):
+                    stop.set()
+                    return
+
+    def one(i: int) -> LayerIndex:
+        desc = resolved.layers[i]
+        if stop.is_set():
+            raise Canceled(f"{resolved.reference}: layer {desc.digest}: canceled")
+        tracker.update(i, state=LayerState.DOWNLOADING)
+        try:
+            index, _ = fetch_layer_to_cache(
+                client, ref, desc, diff_ids[i] if i < len(diff_ids) else "", cache, settings,
+                cancel=stop, on_bytes=lambda n: tracker.update(i, add_bytes=n))
+        except BaseException:
+            tracker.update(i, state=LayerState.FAILED)
+            stop.set()
+            raise
+        tracker.update(i, state=LayerState.CACHED, bytes_done=desc.size)
+        return index
+
+    watcher = threading.Thread(target=watch_user_cancel, daemon=True,
+                               name="rootfs-export-cancel-watch")
+    if cancel is not None:
+        watcher.start()
+    results: dict[int, LayerIndex] = {}
+    try:
+        workers = max(1, min(settings.download_concurrency, len(wanted) or 1))
+        with ThreadPoolExecutor(max_workers=workers,
+                                thread_name_prefix="rootfs-export-fetch") as pool:
+            futures: dict[Future[LayerIndex], int] = {pool.submit(one, i): i for i in wanted}
+            wait(futures, return_when=FIRST_EXCEPTION)
+            stop_early = any(f.done() and f.exception() is not None for f in futures)
+            if stop_early:
+                stop.set()
+                for f in futures:
+                    f.cancel()
+            wait(futures)
+        first_error: BaseException | None = None
+        for f, i in futures.items():
+            if f.cancelled():
+                continue
+            exc = f.exception()
+            if exc is None:
+                results[i] = f.result()
+            elif first_error is None or (isinstance(first_error, Canceled)
+                                         and not isinstance(exc, Canceled)):
+                first_error = exc
+        if cancel is not None and cancel.is_set():
+            raise Canceled(f"{resolved.reference}: download canceled")
+        if first_error is not None:
+            raise first_error
+    finally:
+        stop.set()
+        if own_client:
+            client.close()
+    if len(results) != len(wanted):  # pragma: no cover - cancellation without an error
+        raise Canceled(f"{resolved.reference}: download canceled")
+    progress(tracker.event("layers cached"))
+    return [results[i] for i in wanted]
+
+
+def fetch_one_layer(resolved: ResolvedImage, layer: int, settings: Settings, *,
+                    credentials: Credentials | CredentialSource | None = None,
+                    progress: ProgressCallback = no_progress,
+                    cancel: threading.Event | None = None) -> LayerIndex:
+    """Fetch layer number ``layer`` (the Celery fan-out unit). Idempotent."""
+    if not 0 <= layer < len(resolved.layers):
+        raise RootfsExportError(f"{resolved.reference}: no layer number {layer} "
+                                f"(the image has {len(resolved.layers)})")
+    return fetch_layers(resolved, settings, credentials=credentials, progress=progress,
+                        cancel=cancel, layers=[layer])[0]
