@@ -7,14 +7,27 @@ The Celery tasks call the same stage functions (:func:`resolve`, :func:`fetch_la
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from worker.cache.index import LayerIndex
-from worker.progress import ProgressCallback, no_progress
+from worker.errors import Canceled, ConfigError, LayerError
+from worker.progress import (
+    LayerProgress,
+    LayerState,
+    Phase,
+    ProgressCallback,
+    ProgressEvent,
+    no_progress,
+)
 from worker.pull.manifest import ResolvedImage
 from worker.settings import Settings
 
@@ -84,30 +97,276 @@ class ExportResult:
 
     def to_dict(self) -> dict[str, Any]:
         """The ``--json`` object, the ``OUT.json`` sidecar and the API's job result."""
-        raise NotImplementedError
+        return {
+            "image": self.image,
+            "manifest_digest": self.manifest_digest,
+            "platform": self.platform,
+            "format": str(self.format),
+            "output": self.output,
+            "output_size": self.output_size,
+            "sha256": self.sha256,
+            "counts": dict(self.counts),
+            "config": self.config,
+            "timings": {k: round(v, 3) for k, v in self.timings.items()},
+            "warnings": list(self.warnings),
+            "extra": dict(self.extra),
+        }
 
 
-def resolve(image: str, platform: str | None, settings: Settings) -> ResolvedImage:
-    """Resolve ``image`` to one platform manifest and its config (registry I/O)."""
-    raise NotImplementedError
+def resolve(image: str, platform: str | None, settings: Settings, *,
+            credentials: Any = None) -> ResolvedImage:
+    """Resolve ``image`` to one platform manifest and its config (registry I/O).
+
+    ``credentials`` (a :class:`~worker.pull.credentials.Credentials` or ``CredentialSource``)
+    come from CLI flags; without them Docker's config.json and credential helpers are used.
+    """
+    from worker.pull.manifest import Platform
+    from worker.pull.reference import parse_reference
+    from worker.pull.registry import RegistryClient
+
+    ref = parse_reference(image)
+    wanted = Platform.parse(platform) if platform else None
+    with RegistryClient.for_reference(ref, settings, credentials=credentials) as client:
+        return client.resolve(ref, wanted)
 
 
 def fetch_layer(resolved: ResolvedImage, layer: int, settings: Settings, *,
                 progress: ProgressCallback = no_progress,
-                cancel: threading.Event | None = None) -> LayerIndex:
-    """Make layer number ``layer`` present and indexed in the cache. Idempotent."""
-    raise NotImplementedError
+                cancel: threading.Event | None = None,
+                credentials: Any = None) -> LayerIndex:
+    """Make layer number ``layer`` present and indexed in the cache. Idempotent.
+
+    Accepts ``credentials=`` like :func:`resolve` (keyword, default: Docker's config).
+    """
+    from worker.pull.fetch import fetch_one_layer
+
+    return fetch_one_layer(resolved, layer, settings, credentials=credentials,
+                           progress=progress, cancel=cancel)
 
 
 def build_output(resolved: ResolvedImage, layers: list[LayerIndex], request: ExportRequest,
                  settings: Settings, *, progress: ProgressCallback = no_progress,
                  cancel: threading.Event | None = None) -> ExportResult:
-    """Flatten cached layers and package them as ``request.format`` at ``request.output``."""
-    raise NotImplementedError
+    """Flatten cached layers and package them as ``request.format`` at ``request.output``.
+
+    ``layers`` are the indexes of ``resolved.layers`` (bottom first), their blobs in the cache.
+    Plans the tree (checking the limits again on the result), then writes the directory, the
+    tar (a file, or stdout for ``"-"``) or the ext4 image, always under a temporary name renamed
+    into place at the end: on any error or cancel nothing is left at ``request.output``. With
+    ``request.low_disk`` each layer blob leaves the cache as soon as it has been read. Writes
+    the ``OUT.json`` sidecar when ``request.sidecar`` (not for stdout).
+    """
+    result = _build(resolved, layers, request, settings, progress=progress, cancel=cancel,
+                    timings={})
+    _finish(result, request, progress)
+    return result
 
 
 def export(request: ExportRequest, settings: Settings, *,
            progress: ProgressCallback = no_progress,
            cancel: threading.Event | None = None) -> ExportResult:
     """The whole job in this process: resolve, fetch layers concurrently, build the output."""
-    raise NotImplementedError
+    _check_request(request)
+    timings: dict[str, float] = {}
+    t = time.monotonic()
+    progress(ProgressEvent(phase=Phase.RESOLVE, message=f"resolving {request.image}"))
+    resolved = resolve(request.image, request.platform, settings)
+    timings["resolve"] = time.monotonic() - t
+    _check_cancel(cancel)
+    t = time.monotonic()
+    layers = fetch_layers(resolved, settings, progress=progress, cancel=cancel)
+    timings["download"] = time.monotonic() - t
+    result = _build(resolved, layers, request, settings, progress=progress, cancel=cancel,
+                    timings=timings)
+    _finish(result, request, progress)
+    return result
+
+
+def fetch_layers(resolved: ResolvedImage, settings: Settings, *,
+                 progress: ProgressCallback = no_progress,
+                 cancel: threading.Event | None = None) -> list[LayerIndex]:
+    """Fetch and index every layer, ``settings.download_concurrency`` at a time, in order.
+
+    Progress events aggregate the layers (bytes, layers done, per-layer state). The first
+    failure stops the other downloads and is raised.
+    """
+    n = len(resolved.layers)
+    if n == 0:
+        return []
+    lock = threading.Lock()
+    states = [LayerProgress(d.digest, LayerState.WAITING, 0, d.size) for d in resolved.layers]
+    stop = threading.Event()
+
+    def emit(message: str = "") -> None:
+        done = sum(1 for st in states if st.state == LayerState.CACHED)
+        progress(ProgressEvent(phase=Phase.DOWNLOAD,
+                               bytes_done=sum(st.bytes_done for st in states),
+                               bytes_total=sum(st.bytes_total for st in states),
+                               layers_done=done, layers_total=n, layers=tuple(states),
+                               message=message))
+
+    def one(i: int) -> LayerIndex:
+        def cb(ev: ProgressEvent) -> None:
+            with lock:
+                total = ev.bytes_total or states[i].bytes_total
+                states[i] = LayerProgress(states[i].digest, LayerState.DOWNLOADING,
+                                          min(ev.bytes_done, total) if total else ev.bytes_done,
+                                          total)
+                emit()
+
+        if stop.is_set():
+            raise Canceled("export canceled")
+        idx = fetch_layer(resolved, i, settings, progress=cb, cancel=stop)
+        with lock:
+            states[i] = LayerProgress(states[i].digest, LayerState.CACHED,
+                                      states[i].bytes_total, states[i].bytes_total)
+            emit(f"layer {i + 1}/{n} cached")
+        return idx
+
+    watcher = None
+    if cancel is not None:
+        def watch() -> None:
+            while not stop.is_set():
+                if cancel.wait(0.2):
+                    stop.set()
+        watcher = threading.Thread(target=watch, name="export-cancel-watch", daemon=True)
+        watcher.start()
+    emit("downloading")
+    try:
+        with ThreadPoolExecutor(max_workers=min(settings.download_concurrency, n),
+                                thread_name_prefix="fetch") as pool:
+            futures = [pool.submit(one, i) for i in range(n)]
+            try:
+                return [f.result() for f in futures]
+            except BaseException:
+                stop.set()
+                for f in futures:
+                    f.cancel()
+                raise
+    finally:
+        user_canceled = cancel is not None and cancel.is_set()
+        stop.set()
+        if watcher is not None:
+            watcher.join()
+        if user_canceled:
+            raise Canceled("export canceled")
+
+
+# -- building the output ---------------------------------------------------------------------
+
+def _check_cancel(cancel: threading.Event | None) -> None:
+    if cancel is not None and cancel.is_set():
+        raise Canceled("export canceled")
+
+
+def _check_request(request: ExportRequest) -> None:
+    if request.output == "-" and request.format != OutputFormat.TAR:
+        raise ConfigError("-o - (standard output) is only possible with --format tar")
+    if not request.output:
+        raise ConfigError("no output path given")
+    if request.adds:
+        # The add layer (worker.package.adds) is not part of this build yet.
+        raise ConfigError("--add is not supported by this build yet")
+
+
+def _finish(result: ExportResult, request: ExportRequest, progress: ProgressCallback) -> None:
+    if request.sidecar and request.output != "-":
+        from worker.package.sidecar import write_sidecar
+        write_sidecar(result.output, result.to_dict())
+    progress(ProgressEvent(phase=Phase.DONE, message=f"wrote {result.output}"))
+
+
+def _build(resolved: ResolvedImage, layers: list[LayerIndex], request: ExportRequest,
+           settings: Settings, *, progress: ProgressCallback,
+           cancel: threading.Event | None, timings: dict[str, float]) -> ExportResult:
+    from worker.cache.blobs import BlobCache
+    from worker.flatten.dirout import apply_plan, write_dir
+    from worker.flatten.plan import check_plan_limits, plan_layers
+    from worker.flatten.tarout import write_tar, write_tar_file
+
+    _check_request(request)
+    if len(layers) != len(resolved.layers):
+        raise LayerError(f"{len(layers)} layer indexes for an image with "
+                         f"{len(resolved.layers)} layers")
+    _check_cancel(cancel)
+    t = time.monotonic()
+    progress(ProgressEvent(phase=Phase.APPLY, layers_total=len(layers),
+                           message="planning the flattened tree"))
+    plan = plan_layers(layers, max_path_length=settings.max_path_length)
+    check_plan_limits(plan, max_uncompressed_bytes=settings.max_uncompressed_bytes,
+                      max_entries=settings.max_entries, max_path_length=settings.max_path_length)
+    timings["plan"] = time.monotonic() - t
+
+    cache = BlobCache(settings.cache_dir)
+    holds = [contextlib.ExitStack() for _ in layers]
+
+    def locate(layer: LayerIndex) -> Path:
+        return cache.path(layer.digest)
+
+    def layer_done(i: int) -> None:
+        holds[i].close()
+        if request.low_disk:
+            cache.delete(layers[i].digest)
+
+    warnings: list[str] = []
+    extra: dict[str, Any] = {}
+    sha: str | None = None
+    output = request.output if request.output == "-" else os.path.abspath(request.output)
+    try:
+        for i, layer in enumerate(layers):
+            # Shared locks keep `cache gc` away from the blobs while we read them.
+            holds[i].enter_context(cache.lock(layer.digest, shared=True))
+        t = time.monotonic()
+        if request.format == OutputFormat.TAR:
+            if request.output == "-":
+                rep = write_tar(plan, sys.stdout.buffer, locate, progress=progress,
+                                cancel=cancel, on_layer_done=layer_done)
+                size = rep.bytes_written
+            else:
+                rep, sha = write_tar_file(plan, output, locate, progress=progress, cancel=cancel,
+                                          on_layer_done=layer_done)
+                size = rep.bytes_written
+            extra["passthrough_headers"] = rep.passthrough
+            timings["apply"] = time.monotonic() - t
+        elif request.format == OutputFormat.DIR:
+            drep = write_dir(plan, output, locate, progress=progress, cancel=cancel,
+                             on_layer_done=layer_done)
+            size = plan.file_bytes
+            warnings.extend(drep.warnings)
+            if drep.not_preserved:
+                extra["not_preserved"] = dict(drep.not_preserved)
+            timings["apply"] = time.monotonic() - t
+        else:
+            from worker.package.ext4 import build_ext4
+
+            dir_warnings: list[str] = []
+
+            def tar_writer(f: BinaryIO) -> None:
+                write_tar(plan, f, locate, progress=progress, cancel=cancel,
+                          on_layer_done=layer_done)
+
+            def dir_writer(target: Path) -> None:
+                r = apply_plan(plan, target, locate, progress=progress, cancel=cancel,
+                               on_layer_done=layer_done)
+                dir_warnings.extend(r.warnings)
+
+            build = build_ext4(plan, request, settings, identity=resolved.manifest_digest,
+                               write_tar=tar_writer, write_dir=dir_writer, progress=progress,
+                               cancel=cancel)
+            output, size, sha = str(build.output), build.output_size, build.sha256
+            warnings.extend(dir_warnings)
+            warnings.extend(build.warnings)
+            extra.update(build.extra())
+            timings["package"] = time.monotonic() - t
+            for k, v in build.timings.items():
+                timings.setdefault(k, v)
+    finally:
+        for h in holds:
+            h.close()
+    counts = dict(plan.counts)
+    counts["entries"] = len(plan.entries)
+    return ExportResult(image=request.image, manifest_digest=resolved.manifest_digest,
+                        platform=str(resolved.platform), format=request.format, output=output,
+                        output_size=size, sha256=sha, counts=counts,
+                        config=resolved.config.runtime_dict(), timings=dict(timings),
+                        warnings=tuple(warnings), extra=extra)

@@ -16,10 +16,15 @@ no names) is copied through byte for byte. GNU tar, libarchive and ``mke2fs -d -
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import os
 import tarfile
+import tempfile
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import BinaryIO
 
 from worker.cache.index import EntryKind, IndexEntry
@@ -262,3 +267,46 @@ def write_tar(plan: FlatPlan, out: BinaryIO, locate: BlobLocator, *,
         flush()
     rep.bytes_written = w.written
     return rep
+
+
+class _HashingWriter:
+    """A binary sink that hashes what passes through to ``f``."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self._f = f
+        self.sha = hashlib.sha256()
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        self.sha.update(data)
+        self._f.write(data)
+        return len(data)
+
+    def flush(self) -> None:
+        self._f.flush()
+
+
+def write_tar_file(plan: FlatPlan, output: str | Path, locate: BlobLocator, *,
+                   progress: ProgressCallback = no_progress,
+                   cancel: threading.Event | None = None,
+                   on_layer_done: Callable[[int], None] | None = None
+                   ) -> tuple[TarReport, str]:
+    """Write the tar to ``output`` via ``.NAME.tmp-XXXX`` beside it, renamed on success.
+
+    Returns the report and the sha256 (hex) of the file. Any failure removes the temp file.
+    """
+    out = Path(output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:   # buffered: write() takes everything
+            hw = _HashingWriter(f)
+            report = write_tar(plan, hw, locate, progress=progress,  # type: ignore[arg-type]
+                               cancel=cancel, on_layer_done=on_layer_done)
+            os.fchmod(f.fileno(), 0o644)  # mkstemp made it 0600
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return report, hw.sha.hexdigest()
