@@ -1,0 +1,120 @@
+"""``rootfs-export inspect`` and ``rootfs-export pull``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+from typing import Any, TextIO
+
+from worker.cache.blobs import BlobCache
+from worker.commands.common import credentials_from_args, human_size, settings_from_args
+from worker.progress import LayerState, ProgressEvent
+from worker.pull.fetch import fetch_layers
+from worker.pull.manifest import Platform
+from worker.pull.reference import parse_reference
+from worker.pull.registry import RegistryClient
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    """Print the resolved image (manifest, platform, layers, runtime config) as JSON."""
+    settings = settings_from_args(args)
+    creds = credentials_from_args(args)
+    ref = parse_reference(args.image)
+    platform = Platform.parse(args.platform) if args.platform else None
+    with RegistryClient.for_reference(ref, settings, credentials=creds) as client:
+        resolved = client.resolve(ref, platform)
+    json.dump(resolved.to_dict(), sys.stdout, indent=2)
+    sys.stdout.write("\n")
+    return 0
+
+
+class _PlainReporter:
+    """One line per layer state change, for logs and pipes."""
+
+    def __init__(self, out: TextIO) -> None:
+        self._out = out
+        self._seen: dict[str, LayerState] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, event: ProgressEvent) -> None:
+        with self._lock:
+            for lp in event.layers:
+                if self._seen.get(lp.digest) == lp.state or lp.state is LayerState.WAITING:
+                    continue
+                self._seen[lp.digest] = lp.state
+                self._out.write(f"{lp.digest[:19]}  {lp.state:<11}  "
+                                f"{human_size(lp.bytes_total)}\n")
+                self._out.flush()
+
+
+class _RichReporter:
+    """A rich progress bar: one overall bar plus one per layer."""
+
+    def __init__(self, console: Any) -> None:
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
+
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(),
+                                 DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
+                                 console=console, transient=False)
+        self._tasks: dict[str, Any] = {}
+        self._total: Any = None
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> _RichReporter:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def __call__(self, event: ProgressEvent) -> None:
+        with self._lock:
+            if self._total is None:
+                self._total = self.progress.add_task("total", total=event.bytes_total or None)
+            self.progress.update(self._total, completed=event.bytes_done,
+                                 description=f"{event.layers_done}/{event.layers_total} layers")
+            for lp in event.layers:
+                task = self._tasks.get(lp.digest)
+                if task is None:
+                    task = self._tasks[lp.digest] = self.progress.add_task(
+                        lp.digest[7:19], total=lp.bytes_total or None)
+                self.progress.update(task, completed=lp.bytes_done,
+                                     description=f"{lp.digest[7:19]} {lp.state}")
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    """Download, verify and index every layer of the image into the cache."""
+    settings = settings_from_args(args)
+    creds = credentials_from_args(args)
+    ref = parse_reference(args.image)
+    platform = Platform.parse(args.platform) if args.platform else None
+    cache = BlobCache(settings.cache_dir)
+    err = sys.stderr
+    with RegistryClient.for_reference(ref, settings, credentials=creds) as client:
+        resolved = client.resolve(ref, platform)
+        err.write(f"{resolved.reference} ({resolved.platform}) {resolved.manifest_digest}: "
+                  f"{len(resolved.layers)} layers, "
+                  f"{human_size(sum(d.size for d in resolved.layers))}\n")
+        if err.isatty():
+            from rich.console import Console
+
+            with _RichReporter(Console(file=err)) as bar:
+                indexes = fetch_layers(resolved, settings, client=client, cache=cache,
+                                       progress=bar)
+        else:
+            indexes = fetch_layers(resolved, settings, client=client, cache=cache,
+                                   progress=_PlainReporter(err))
+    entries = sum(len(i.entries) for i in indexes)
+    usize = sum(i.uncompressed_size for i in indexes)
+    print(f"pulled {resolved.reference}@{resolved.manifest_digest}: {len(indexes)} layers, "
+          f"{entries} entries, {human_size(usize)} uncompressed, cache {settings.cache_dir}")
+    return 0
