@@ -12,7 +12,6 @@ import os
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -20,14 +19,7 @@ from typing import Any, BinaryIO
 
 from worker.cache.index import LayerIndex
 from worker.errors import Canceled, ConfigError, LayerError
-from worker.progress import (
-    LayerProgress,
-    LayerState,
-    Phase,
-    ProgressCallback,
-    ProgressEvent,
-    no_progress,
-)
+from worker.progress import Phase, ProgressCallback, ProgressEvent, no_progress
 from worker.pull.manifest import ResolvedImage
 from worker.settings import Settings
 
@@ -164,92 +156,29 @@ def build_output(resolved: ResolvedImage, layers: list[LayerIndex], request: Exp
 
 def export(request: ExportRequest, settings: Settings, *,
            progress: ProgressCallback = no_progress,
-           cancel: threading.Event | None = None) -> ExportResult:
-    """The whole job in this process: resolve, fetch layers concurrently, build the output."""
+           cancel: threading.Event | None = None,
+           credentials: Any = None) -> ExportResult:
+    """The whole job in this process: resolve, fetch layers concurrently, build the output.
+
+    ``credentials`` as for :func:`resolve` (CLI flags); default: Docker's config.
+    """
+    from worker.pull.fetch import fetch_layers
+
     _check_request(request)
     timings: dict[str, float] = {}
     t = time.monotonic()
     progress(ProgressEvent(phase=Phase.RESOLVE, message=f"resolving {request.image}"))
-    resolved = resolve(request.image, request.platform, settings)
+    resolved = resolve(request.image, request.platform, settings, credentials=credentials)
     timings["resolve"] = time.monotonic() - t
     _check_cancel(cancel)
     t = time.monotonic()
-    layers = fetch_layers(resolved, settings, progress=progress, cancel=cancel)
+    layers = fetch_layers(resolved, settings, credentials=credentials, progress=progress,
+                          cancel=cancel)
     timings["download"] = time.monotonic() - t
     result = _build(resolved, layers, request, settings, progress=progress, cancel=cancel,
                     timings=timings)
     _finish(result, request, progress)
     return result
-
-
-def fetch_layers(resolved: ResolvedImage, settings: Settings, *,
-                 progress: ProgressCallback = no_progress,
-                 cancel: threading.Event | None = None) -> list[LayerIndex]:
-    """Fetch and index every layer, ``settings.download_concurrency`` at a time, in order.
-
-    Progress events aggregate the layers (bytes, layers done, per-layer state). The first
-    failure stops the other downloads and is raised.
-    """
-    n = len(resolved.layers)
-    if n == 0:
-        return []
-    lock = threading.Lock()
-    states = [LayerProgress(d.digest, LayerState.WAITING, 0, d.size) for d in resolved.layers]
-    stop = threading.Event()
-
-    def emit(message: str = "") -> None:
-        done = sum(1 for st in states if st.state == LayerState.CACHED)
-        progress(ProgressEvent(phase=Phase.DOWNLOAD,
-                               bytes_done=sum(st.bytes_done for st in states),
-                               bytes_total=sum(st.bytes_total for st in states),
-                               layers_done=done, layers_total=n, layers=tuple(states),
-                               message=message))
-
-    def one(i: int) -> LayerIndex:
-        def cb(ev: ProgressEvent) -> None:
-            with lock:
-                total = ev.bytes_total or states[i].bytes_total
-                states[i] = LayerProgress(states[i].digest, LayerState.DOWNLOADING,
-                                          min(ev.bytes_done, total) if total else ev.bytes_done,
-                                          total)
-                emit()
-
-        if stop.is_set():
-            raise Canceled("export canceled")
-        idx = fetch_layer(resolved, i, settings, progress=cb, cancel=stop)
-        with lock:
-            states[i] = LayerProgress(states[i].digest, LayerState.CACHED,
-                                      states[i].bytes_total, states[i].bytes_total)
-            emit(f"layer {i + 1}/{n} cached")
-        return idx
-
-    watcher = None
-    if cancel is not None:
-        def watch() -> None:
-            while not stop.is_set():
-                if cancel.wait(0.2):
-                    stop.set()
-        watcher = threading.Thread(target=watch, name="export-cancel-watch", daemon=True)
-        watcher.start()
-    emit("downloading")
-    try:
-        with ThreadPoolExecutor(max_workers=min(settings.download_concurrency, n),
-                                thread_name_prefix="fetch") as pool:
-            futures = [pool.submit(one, i) for i in range(n)]
-            try:
-                return [f.result() for f in futures]
-            except BaseException:
-                stop.set()
-                for f in futures:
-                    f.cancel()
-                raise
-    finally:
-        user_canceled = cancel is not None and cancel.is_set()
-        stop.set()
-        if watcher is not None:
-            watcher.join()
-        if user_canceled:
-            raise Canceled("export canceled")
 
 
 # -- building the output ---------------------------------------------------------------------

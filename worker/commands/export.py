@@ -1,0 +1,224 @@
+"""``rootfs-export export``: pull, flatten and package one image, with progress on stderr."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+from worker.errors import ConfigError
+from worker.export import (
+    AddSpec,
+    ExportRequest,
+    ExportResult,
+    Ext4Method,
+    Ext4Options,
+    OutputFormat,
+    export,
+)
+from worker.progress import Phase, ProgressCallback, ProgressEvent
+from worker.settings import Settings, load_settings
+
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str, *, option: str) -> int:
+    """``512M``, ``2G``, ``1.5G``, ``4096`` (bytes) -> bytes; ConfigError naming the option."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", text, re.IGNORECASE)
+    if not m:
+        raise ConfigError(f"{option}: {text!r} is not a size (examples: 4096, 512M, 2G)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    try:
+        from worker.commands.common import settings_from_args
+    except ImportError:
+        overrides: dict[str, Any] = {}
+        if getattr(args, "cache_dir", None):
+            overrides["cache_dir"] = Path(args.cache_dir)
+        if getattr(args, "insecure_registry", None):
+            overrides["insecure_registries"] = list(args.insecure_registry)
+        if getattr(args, "concurrency", None):
+            overrides["download_concurrency"] = args.concurrency
+        return load_settings(**overrides)
+    return settings_from_args(args)
+
+
+def _credentials(args: argparse.Namespace) -> Any:
+    try:
+        from worker.commands.common import credentials_from_args
+    except ImportError:
+        if not getattr(args, "username", None):
+            return None
+        from worker.pull.credentials import Credentials
+        password = sys.stdin.readline().rstrip("\n") if args.password_stdin else ""
+        return Credentials(args.username, password)
+    return credentials_from_args(args)
+
+
+def _headroom(text: str | None) -> tuple[float | None, int | None]:
+    """``--headroom``: a fraction (0.1) or a size (256M) -> (fraction, min_free bytes)."""
+    if text is None:
+        return None, None
+    try:
+        value = float(text)
+    except ValueError:
+        return 0.0, parse_size(text, option="--headroom")
+    if not 0 <= value < 100:
+        raise ConfigError(f"--headroom: {text!r} is not a fraction (0.1) or a size (256M)")
+    return value, None
+
+
+def _adds(args: argparse.Namespace) -> tuple[AddSpec, ...]:
+    adds = []
+    mode = None
+    if args.add_mode:
+        try:
+            mode = int(args.add_mode, 8)
+        except ValueError:
+            raise ConfigError(f"--add-mode: {args.add_mode!r} is not an octal mode") from None
+    try:
+        uid_s, _, gid_s = args.add_owner.partition(":")
+        uid, gid = int(uid_s), int(gid_s or uid_s)
+    except ValueError:
+        raise ConfigError(f"--add-owner: {args.add_owner!r} is not UID:GID") from None
+    for spec in args.add:
+        src, sep, dest = spec.rpartition(":")
+        if not sep or not src or not dest.startswith("/"):
+            raise ConfigError(f"--add: {spec!r} is not SRC:/ABSOLUTE/DEST")
+        adds.append(AddSpec(Path(src), dest, mode, uid, gid))
+    return tuple(adds)
+
+
+def request_from_args(args: argparse.Namespace) -> ExportRequest:
+    """The ExportRequest the ``export`` options describe (ConfigError on bad values)."""
+    fmt = OutputFormat(args.format)
+    if args.output == "-" and fmt != OutputFormat.TAR:
+        raise ConfigError("-o - (standard output) is only possible with --format tar")
+    if args.output == "-" and args.json:
+        raise ConfigError("--json cannot be combined with -o - (standard output carries the tar)")
+    fraction, min_free = _headroom(args.headroom)
+    ext4 = Ext4Options(method=Ext4Method(args.ext4_method),
+                       size=parse_size(args.size, option="--size") if args.size else None,
+                       headroom=fraction, min_free=min_free, features=args.ext4_features,
+                       label=args.label, shrink=args.shrink, strict=args.strict)
+    return ExportRequest(image=args.image, output=args.output, format=fmt,
+                         platform=args.platform, ext4=ext4, adds=_adds(args),
+                         low_disk=args.low_disk, sidecar=not args.no_sidecar)
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"  # pragma: no cover
+
+
+class _PlainProgress:
+    """One line per phase change, per layer finished and at most every 2 s otherwise."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.lock = threading.Lock()
+        self.phase: Phase | None = None
+        self.layers_done = -1
+        self.last = 0.0
+
+    def __call__(self, ev: ProgressEvent) -> None:
+        with self.lock:
+            now = time.monotonic()
+            if ev.phase == self.phase and ev.layers_done == self.layers_done \
+                    and now - self.last < 2:
+                return
+            self.phase, self.layers_done, self.last = ev.phase, ev.layers_done, now
+            parts = [str(ev.phase)]
+            if ev.layers_total:
+                parts.append(f"layers {ev.layers_done}/{ev.layers_total}")
+            if ev.bytes_total:
+                parts.append(f"{_human(ev.bytes_done)}/{_human(ev.bytes_total)}")
+            if ev.message:
+                parts.append(ev.message)
+            print("rootfs-export: " + ": ".join(parts), file=self.stream, flush=True)
+
+
+class _RichProgress:
+    """A rich progress bar on stderr: one task, re-labelled per phase."""
+
+    def __init__(self) -> None:
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
+        self.progress = Progress(TextColumn("[bold]{task.fields[phase]:<8}"), BarColumn(),
+                                 DownloadColumn(), TextColumn("{task.fields[msg]}"),
+                                 TimeElapsedColumn(), console=Console(stderr=True),
+                                 transient=False)
+        self.task = self.progress.add_task("export", total=None, phase="resolve", msg="")
+        self.lock = threading.Lock()
+
+    def __enter__(self) -> _RichProgress:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def __call__(self, ev: ProgressEvent) -> None:
+        with self.lock:
+            msg = ev.message
+            if ev.layers_total:
+                msg = f"layers {ev.layers_done}/{ev.layers_total} {msg}".strip()
+            self.progress.update(self.task, total=ev.bytes_total or None,
+                                 completed=ev.bytes_done, phase=str(ev.phase), msg=msg[:60])
+
+
+def _summary(result: ExportResult) -> str:
+    c = result.counts
+    line = (f"wrote {result.output} ({result.format}, {_human(result.output_size)}, "
+            f"{c.get('entries', 0)} entries: {c.get('file', 0)} files, {c.get('dir', 0)} "
+            f"directories, {c.get('symlink', 0)} symlinks, {c.get('hardlink', 0)} hardlinks)")
+    if result.sha256:
+        line += f"\nsha256 {result.sha256}"
+    return line
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Run the export; ``--json`` prints the result object on stdout, else a summary."""
+    request = request_from_args(args)
+    settings = _settings(args)
+    credentials = _credentials(args)
+    tty = sys.stderr.isatty()
+    bar: _RichProgress | None = _RichProgress() if tty else None
+    callback: ProgressCallback = bar if bar is not None else _PlainProgress(sys.stderr)
+    cancel = threading.Event()
+    try:
+        if bar is not None:
+            with bar:
+                result = export(request, settings, progress=callback, cancel=cancel,
+                                credentials=credentials)
+        else:
+            result = export(request, settings, progress=callback, cancel=cancel,
+                            credentials=credentials)
+    except KeyboardInterrupt:
+        cancel.set()
+        raise
+    for w in result.warnings:
+        print(f"rootfs-export: warning: {w}", file=sys.stderr)
+    if args.json:
+        json.dump(result.to_dict(), sys.stdout, sort_keys=True)
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+    else:
+        print(_summary(result), file=sys.stderr if request.output == "-" else sys.stdout)
+    return 0
