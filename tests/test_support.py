@@ -229,3 +229,101 @@ def test_blob_delete_and_corruption_helpers(registry):
     delete_blob(registry, "infra/broken", img.config_digest)
     resp = requests.get(f"{registry.url}/v2/infra/broken/blobs/{img.config_digest}", timeout=5)
     assert resp.status_code == 404
+
+
+# -- the real Debian image ------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_debian_image_is_pushed_and_listing_is_real(debian_image, registry):
+    assert debian_image.reference == f"{registry.host}/debian:bookworm"
+    resp = fetch_manifest(registry, "debian", "bookworm")
+    assert resp.status_code == 200 and resp.headers["Content-Type"] == OCI_MANIFEST
+    assert sha256_digest(resp.content) == debian_image.manifest_digest
+    assert len(debian_image.manifest["layers"]) == 3
+    for desc in debian_image.manifest["layers"]:
+        head = requests.head(f"{registry.url}/v2/debian/blobs/{desc['digest']}", timeout=10)
+        assert head.status_code == 200 and int(head.headers["Content-Length"]) == desc["size"]
+    config = fetch_blob(registry, "debian", debian_image.config_digest)
+    assert sha256_digest(config) == debian_image.config_digest
+    assert debian_image.config["rootfs"]["diff_ids"] == [x["diff_id"] for x in debian_image.layers]
+
+    listing = debian_image.listing
+    assert len(listing) > 1000
+    assert debian_image.listing_path.is_file()
+    python = debian_image.resolve("usr/bin/python3")
+    assert python["type"] == "file" and python["mode"] & 0o111 and python["size"] > 1_000_000
+    assert debian_image.resolve("bin/sh")["type"] == "file"  # bin -> usr/bin, sh -> dash
+    assert listing["usr/bin/su"]["mode"] & 0o4000  # setuid survives into the ground truth
+    assert listing["usr/share/doc"]["type"] == "dir"
+    assert not [p for p in listing if p.startswith("usr/share/doc/")]
+    assert not [p for p in listing if p.startswith("var/lib/apt/lists/") and
+                listing[p]["type"] == "file" and p.endswith("_Packages")]
+    assert [p for p in listing if p.startswith("etc/apt/apt.conf.d/")] == [
+        "etc/apt/apt.conf.d/99rootfs-export-test"]
+    assert listing["usr/share/lintian"]["type"] == "file"
+    assert listing["usr/local/bin/cap-test"]["xattrs"]["security.capability"].startswith("01")
+    assert any(e["hardlink"] for e in listing.values())
+
+
+@pytest.mark.slow
+def test_debian_layers_carry_whiteouts_and_opaque_dirs(debian_image):
+    layer3 = debian_image.blob_path(debian_image.layers[2]["digest"])
+    with tarfile.open(layer3, "r:gz") as tf:
+        names = tf.getnames()
+    assert any(n.startswith("usr/share/doc/.wh.") for n in names)
+    assert any(n.startswith("usr/share/man/.wh.") for n in names)
+    assert "etc/apt/apt.conf.d/.wh..wh..opq" in names
+    assert "etc/apt/apt.conf.d/99rootfs-export-test" in names
+    # no whiteout below a path that is itself whited out or replaced
+    assert not [n for n in names if n.startswith("usr/share/doc/") and n.count("/") > 3]
+    assert not [n for n in names if n.startswith("usr/share/lintian/")]
+
+
+def _apply_layers_model(blobs: list) -> dict[str, dict]:
+    """A minimal in-memory layer applier, only to cross-check the builder against its listing."""
+    state: dict[str, dict] = {}
+
+    def drop_under(prefix: str, include_self: bool) -> None:
+        for p in [p for p in state if p.startswith(prefix + "/") or (include_self and p == prefix)]:
+            del state[p]
+
+    for blob in blobs:
+        entries: dict[str, dict] = {}
+        with tarfile.open(blob, "r:gz") as tf:
+            for m in tf:
+                name = m.name.rstrip("/")
+                parent, _, base = name.rpartition("/")
+                if base == ".wh..wh..opq":
+                    drop_under(parent, include_self=False)
+                    continue
+                if base.startswith(".wh."):
+                    drop_under(f"{parent}/{base[4:]}" if parent else base[4:], include_self=True)
+                    continue
+                if m.islnk():
+                    rec = dict(entries.get(m.linkname) or state[m.linkname])
+                else:
+                    rec = {"type": {tarfile.REGTYPE: "file", tarfile.DIRTYPE: "dir",
+                                    tarfile.SYMTYPE: "symlink", tarfile.CHRTYPE: "char",
+                                    tarfile.BLKTYPE: "block", tarfile.FIFOTYPE: "fifo"}[m.type]}
+                    if m.isfile():
+                        rec["sha256"] = sha256_digest(tf.extractfile(m).read()).split(":")[1]
+                    if m.issym():
+                        rec["target"] = m.linkname
+                rec.update(mode=m.mode, uid=m.uid, gid=m.gid, mtime=int(m.mtime))
+                entries[name] = rec
+        for name, rec in entries.items():
+            if rec["type"] != "dir" or state.get(name, rec)["type"] != "dir":
+                drop_under(name, include_self=False)
+            state[name] = rec
+    return state
+
+
+@pytest.mark.slow
+def test_debian_layers_reproduce_the_listing(debian_image):
+    state = _apply_layers_model([debian_image.blob_path(x["digest"]) for x in debian_image.layers])
+    listing = debian_image.listing
+    assert set(state) == set(listing)
+    mismatches = [
+        (path, key) for path, rec in state.items() for key, value in rec.items()
+        if listing[path].get(key) != value
+    ]
+    assert mismatches == []

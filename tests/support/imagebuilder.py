@@ -380,6 +380,23 @@ def push_blob(registry: RegistryLike, repo: str, data: bytes, digest: str | None
     return digest
 
 
+def push_blob_file(registry: RegistryLike, repo: str, path: str | os.PathLike[str],
+                   digest: str) -> str:
+    """Upload the file at ``path`` (streamed, not read into memory) unless already there."""
+    with _session(registry) as s:
+        if s.head(f"{registry.url}/v2/{repo}/blobs/{digest}", timeout=30).status_code == 200:
+            return digest
+        resp = _check(s.post(f"{registry.url}/v2/{repo}/blobs/uploads/", timeout=30),
+                      f"start blob upload to {repo}")
+        location = urljoin(registry.url + "/", resp.headers["Location"])
+        with open(path, "rb") as fh:
+            _check(s.put(location, params={"digest": digest}, data=fh, timeout=600,
+                         headers={"Content-Type": "application/octet-stream",
+                                  "Content-Length": str(os.fstat(fh.fileno()).st_size)}),
+                   f"upload blob {digest} from {path} to {repo}")
+    return digest
+
+
 def push_manifest_bytes(registry: RegistryLike, repo: str, ref: str, body: bytes,
                         media_type: str) -> str:
     """PUT ``body`` as a manifest at ``ref`` (tag or digest); return the registry's digest."""
