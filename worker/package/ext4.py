@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, BinaryIO, cast
 
-from worker.cache.index import IndexEntry
+from worker.cache.index import EntryKind, IndexEntry
 from worker.errors import Canceled, ConfigError, PackagingError, RootfsExportError, ToolMissing
 from worker.flatten.plan import FlatPlan
 from worker.package.e2fs import (
@@ -190,7 +190,8 @@ def build_ext4(plan: FlatPlan, request: ExportRequest, settings: Settings, *,
             _build_mount(mkfs, image, fs_bytes, work, write_dir, cancel)
         else:
             _build_dir(mkfs, image, fs_bytes, work, write_dir, cancel)
-            _debugfs_fixups(image, plan, xattrs=False, hardlinks=False, root=True)
+            _debugfs_fixups(image, plan, xattrs=False, hardlinks=False, root=True,
+                            symlink_links=True)
         timings["package"] = time.monotonic() - t0
         _check_cancel(cancel)
 
@@ -513,15 +514,27 @@ def _metadata_commands(target: str, entry: IndexEntry) -> list[str]:
 
 
 def _debugfs_fixups(image: Path, plan: FlatPlan, *, xattrs: bool, hardlinks: bool,
-                    root: bool) -> None:
+                    root: bool, symlink_links: bool = False) -> None:
     """Put back, with one debugfs script, what ``mke2fs -d`` gets wrong or drops.
 
     ``xattrs``: ``mke2fs -d -`` keeps only security.capability; set the others.
     ``hardlinks``: ``mke2fs -d -`` applies each hardlink header's metadata to the shared inode;
     the inode's metadata is its owner entry's (as the mount and dir methods produce).
     ``root``: ``mke2fs -d DIR`` does not copy the source directory's own metadata to the root.
+    ``symlink_links``: ``mke2fs -d DIR`` copies hardlinked symlinks as separate inodes; relink.
     """
     commands: list[str] = []
+    if symlink_links:
+        kinds = {p.path: p.entry.kind for p in plan.entries if p.link_to is None}
+        names: dict[str, int] = {}
+        for planned in plan.entries:
+            owner = planned.link_to
+            if owner is not None and kinds.get(owner) == EntryKind.SYMLINK:
+                path = debugfs_quote("/" + planned.path)
+                commands += [f"rm {path}", f"ln {debugfs_quote('/' + owner)} {path}"]
+                names[owner] = names.get(owner, 1) + 1
+        commands += [f"sif {debugfs_quote('/' + owner)} links_count {n}"
+                     for owner, n in names.items()]
     values: list[str] = []
     linked = {p.link_to for p in plan.entries if p.link_to is not None} if hardlinks else set()
     with tempfile.TemporaryDirectory(prefix="rootfs-export-fixup-") as tmp:

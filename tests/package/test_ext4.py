@@ -1,0 +1,349 @@
+"""ext4 packaging by all three methods, from real tars, checked with real e2fsprogs."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+
+from tests.package.conftest import LOOP_SKIP, leftovers, mounted_ro, needs_loop
+from tests.package.helpers import (
+    build,
+    debugfs,
+    dumpe2fs,
+    fsck,
+    make_plan,
+    small_settings,
+    stat_times,
+    tree_listing,
+)
+from tests.support.imagebuilder import (
+    Layer,
+    TarEntry,
+    directory,
+    file,
+    hardlink,
+    sparse_tar,
+    symlink,
+    whiteout,
+)
+from worker.errors import Canceled, ConfigError, PackagingError
+
+CAP = b"\x01\x00\x00\x02\x00\x20\x00\x00" + bytes(12)   # cap_net_raw+ep
+
+
+def rich_layers() -> list[list[TarEntry]]:
+    """A tree with every kind of entry and metadata the methods must agree on."""
+    lower = [
+        TarEntry(".", "dir", mode=0o755, mtime=1_500_000_000),
+        directory("etc", mtime=1_400_000_000),
+        file("etc/passwd", "root:x:0:0:root:/root:/bin/sh\n", mtime=1_234_567_890),
+        file("etc/shadow", "root:*:19000::::::\n", mode=0o000, mtime=1_234_567_891),
+        file("etc/old", "to be deleted"),
+        directory("usr/bin", mtime=1_300_000_000),
+        file("usr/bin/ping", b"\x7fELF" + bytes(5000), mode=0o4755,
+             xattrs={"security.capability": CAP}),
+        file("usr/bin/tagged", "x", xattrs={"user.origin": b"layer0", "trusted.t": b"\x00\x01"}),
+        symlink("usr/bin/sh", "dash"),
+        symlink("usr/lib-long", "/" + "very-long-target/" * 8),
+        hardlink("usr/bin/sh-again", "usr/bin/sh"),
+        hardlink("etc/passwd-", "etc/passwd"),
+        TarEntry("dev/null", "char", mode=0o666, devmajor=1, devminor=3),
+        TarEntry("dev/loop0", "block", mode=0o660, gid=6, devmajor=7, devminor=0),
+        TarEntry("run/initctl", "fifo", mode=0o600),
+        directory("home/user", uid=1000, gid=1000, mode=0o700, mtime=1_600_000_000),
+        file("home/user/big-ids", "z", uid=3_000_000_000, gid=4_000_000_000),
+        directory("tmp", mode=0o1777),
+        file("empty", b""),
+        TarEntry("non-utf8-\udcff", "file", data=b"n", name_bytes=b"non-utf8-\xff"),
+        file("dir with space/\"quoted\" name", "q", xattrs={"user.q": b"v"}),
+        directory("ro", mode=0o555),
+        file("ro/inside", "still written"),
+    ]
+    upper = [whiteout("etc/old"), file("etc/hostname", "vm\n", mtime=1_700_000_000)]
+    return [lower, upper]
+
+
+def listing_of(image: Path, where: Path) -> dict[str, tuple]:
+    with mounted_ro(image, where) as mnt:
+        return tree_listing(mnt)
+
+
+# -- every method: clean, and the same tree --------------------------------------------------------
+
+@needs_loop
+def test_three_methods_build_clean_equivalent_trees(tmp_path: Path) -> None:
+    plan, locate = make_plan(tmp_path, rich_layers())
+    listings = {}
+    for method in ("stream", "mount", "dir"):
+        out = tmp_path / f"{method}.ext4"
+        result = build(plan, locate, out, method=method)
+        assert str(result.method) == method
+        check = fsck(out)
+        assert check.returncode == 0, check.stdout + check.stderr
+        listings[method] = listing_of(out, tmp_path / f"mnt-{method}")
+        assert not leftovers(out.name)
+    stream = listings["stream"]
+    # spot checks against the input, so "equal" cannot mean "equally wrong"
+    assert "etc/old" not in stream
+    assert stream["etc/shadow"][1] == 0o000
+    assert stream["usr/bin/ping"][1] == 0o4755
+    assert ("security.capability", CAP) in stream["usr/bin/ping"][6]
+    assert ("user.origin", b"layer0") in stream["usr/bin/tagged"][6]
+    assert ("trusted.t", b"\x00\x01") in stream["usr/bin/tagged"][6]
+    assert stream["dev/null"][0] == stat.S_IFCHR and stream["dev/null"][5] == "1:3"
+    assert stream["dev/loop0"][0] == stat.S_IFBLK and stream["dev/loop0"][3] == 6
+    assert stream["run/initctl"][0] == stat.S_IFIFO
+    assert stream["home/user/big-ids"][2:4] == (3_000_000_000, 4_000_000_000)
+    assert stream["etc/passwd"][7] == 1_234_567_890
+    assert stream["usr/lib-long"][5] == "/" + "very-long-target/" * 8
+    assert stream["non-utf8-\udcff"][5] == hashlib.sha256(b"n").hexdigest()
+    assert stream["ro/inside"][5] == hashlib.sha256(b"still written").hexdigest()
+    assert stream["."][1:4] == (0o755, 0, 0) if "." in stream else True
+    for method in ("mount", "dir"):
+        assert listings[method] == stream, method
+
+
+@needs_loop
+def test_hardlinks_share_inodes_in_every_method(tmp_path: Path) -> None:
+    plan, locate = make_plan(tmp_path, rich_layers())
+    for method in ("stream", "mount", "dir"):
+        out = tmp_path / f"{method}.ext4"
+        build(plan, locate, out, method=method)
+        with mounted_ro(out, tmp_path / f"m-{method}") as mnt:
+            a, b = os.lstat(mnt / "etc/passwd"), os.lstat(mnt / "etc/passwd-")
+            assert a.st_ino == b.st_ino and a.st_nlink == 2, method
+            s1, s2 = os.lstat(mnt / "usr/bin/sh"), os.lstat(mnt / "usr/bin/sh-again")
+            assert stat.S_ISLNK(s1.st_mode) and s1.st_ino == s2.st_ino, method
+            root = os.lstat(mnt)
+            assert (stat.S_IMODE(root.st_mode), root.st_uid, int(root.st_mtime)) == \
+                (0o755, 0, 1_500_000_000), method
+
+
+def test_stream_is_rootless_friendly_and_clean(tmp_path: Path) -> None:
+    plan, locate = make_plan(tmp_path, rich_layers())
+    out = tmp_path / "root.ext4"
+    result = build(plan, locate, out)
+    assert fsck(out).returncode == 0
+    assert result.sha256 == hashlib.sha256(out.read_bytes()).hexdigest()
+    assert result.output_size == out.stat().st_size
+    assert "user.origin" in debugfs(out, "ea_list /usr/bin/tagged")
+    listing = debugfs(out, "ls -l /etc")
+    assert "old" not in listing.split() and "hostname" in listing
+
+
+# -- reproducibility --------------------------------------------------------------------------------
+
+def test_same_input_and_options_give_identical_bytes(tmp_path: Path) -> None:
+    plan, locate = make_plan(tmp_path, rich_layers())
+    a = build(plan, locate, tmp_path / "a.ext4")
+    b = build(plan, locate, tmp_path / "b.ext4")
+    assert a.sha256 == b.sha256
+    assert (tmp_path / "a.ext4").read_bytes() == (tmp_path / "b.ext4").read_bytes()
+    # files keep their own mtimes; the filesystem's own times are the fixed clock
+    assert stat_times(tmp_path / "a.ext4", "/etc/passwd")["mtime"] == 1_234_567_890
+    assert stat_times(tmp_path / "a.ext4", "/etc/hostname")["mtime"] == 1_700_000_000
+    assert stat_times(tmp_path / "a.ext4", "/home/user")["mtime"] == 1_600_000_000
+    sb = dumpe2fs(tmp_path / "a.ext4")
+    assert sb["Filesystem created"] == "Wed Jan  1 00:00:00 2020"
+    # another image digest or other options: another UUID (and bytes)
+    c = build(plan, locate, tmp_path / "c.ext4", identity="sha256:" + "cd" * 32)
+    d = build(plan, locate, tmp_path / "d.ext4", label="other")
+    assert len({a.uuid, c.uuid, d.uuid}) == 3
+    assert len({a.sha256, c.sha256, d.sha256}) == 3
+
+
+# -- features, label, alignment, sizing --------------------------------------------------------------
+
+def test_feature_profiles_and_label(tmp_path: Path) -> None:
+    plan, locate = make_plan(tmp_path, [[file("a", "a")]])
+    default = build(plan, locate, tmp_path / "default.ext4", label="myroot")
+    compat = build(plan, locate, tmp_path / "compat.ext4", features="compat")
+    explicit = build(plan, locate, tmp_path / "explicit.ext4",
+                     features="has_journal,extent,dir_index,filetype,sparse_super,large_file")
+    dflt = dumpe2fs(tmp_path / "default.ext4")["Filesystem features"].split()
+    comp = dumpe2fs(tmp_path / "compat.ext4")["Filesystem features"].split()
+    expl = dumpe2fs(tmp_path / "explicit.ext4")["Filesystem features"].split()
+    assert {"metadata_csum_seed", "orphan_file", "metadata_csum", "64bit"} <= set(dflt)
+    assert "metadata_csum_seed" not in comp and "orphan_file" not in comp
+    assert {"metadata_csum", "extent", "has_journal", "flex_bg"} <= set(comp)
+    assert "metadata_csum" not in expl and "flex_bg" not in expl and "extent" in expl
+    assert dumpe2fs(tmp_path / "default.ext4")["Filesystem volume name"] == "myroot"
+    assert default.label == "myroot"
+    assert dumpe2fs(tmp_path / "default.ext4")["Block size"] == "4096"
+    assert dumpe2fs(tmp_path / "default.ext4")["Reserved block count"] == "0"
+    for out in ("default", "compat", "explicit"):
+        assert fsck(tmp_path / f"{out}.ext4").returncode == 0
+    assert compat.features and explicit.features
+
+
+def test_bad_label_and_features_are_config_errors(tmp_path: Path) -> None:
+    plan, locate = make_plan(tmp_path, [[file("a", "a")]])
+    with pytest.raises(ConfigError, match="16 bytes"):
+        build(plan, locate, tmp_path / "x.ext4", label="a-label-far-too-long")
+    with pytest.raises(ConfigError, match="malformed"):
+        build(plan, locate, tmp_path / "x.ext4", features="extent;rm -rf")
+    assert not list(tmp_path.glob("x.ext4*")) and not list(tmp_path.glob(".x.ext4*"))
+
+
+def test_size_is_aligned_sparse_and_has_headroom(tmp_path: Path) -> None:
+    plan, locate = make_plan(tmp_path, [[file("blob", os.urandom(3 << 20))]])
+    settings = small_settings(ext4_alignment=6 << 20, ext4_min_free=20 << 20)
+    out = tmp_path / "a.ext4"
+    result = build(plan, locate, out, settings=settings)
+    assert out.stat().st_size % (6 << 20) == 0
+    assert result.output_size == out.stat().st_size
+    assert result.free_blocks * 4096 >= 20 << 20
+    # sparse: far fewer bytes allocated than the apparent size
+    assert out.stat().st_blocks * 512 < out.stat().st_size // 2
+
+
+def test_explicit_size_too_small_names_the_sizes(tmp_path: Path) -> None:
+    plan, locate = make_plan(tmp_path, [[file("blob", os.urandom(12 << 20))]])
+    with pytest.raises(PackagingError, match=r"--size 8M is too small.*12M") as err:
+        build(plan, locate, tmp_path / "small.ext4", size=8 << 20)
+    assert "at least --size" in str(err.value)
+    assert not list(tmp_path.glob("*small.ext4*"))
+    ok = build(plan, locate, tmp_path / "ok.ext4", size=64 << 20)
+    assert ok.fs_size == 64 << 20 and fsck(tmp_path / "ok.ext4").returncode == 0
+
+
+def test_shrink_then_headroom(tmp_path: Path) -> None:
+    plan, locate = make_plan(tmp_path, [[file(f"d/f{i}", os.urandom(20000)) for i in range(200)]])
+    settings = small_settings(ext4_min_free=16 << 20, ext4_headroom=0.0)
+    big = build(plan, locate, tmp_path / "big.ext4", settings=settings, size=256 << 20)
+    small = build(plan, locate, tmp_path / "small.ext4", settings=settings, shrink=True)
+    assert small.fs_size < big.fs_size
+    assert small.free_blocks * 4096 >= 16 << 20
+    assert small.output_size % (2 << 20) == 0
+    assert fsck(tmp_path / "small.ext4").returncode == 0
+    again = build(plan, locate, tmp_path / "small2.ext4", settings=settings, shrink=True)
+    assert again.sha256 == small.sha256
+
+
+def test_hundred_thousand_tiny_files_never_run_out_of_inodes(tmp_path: Path) -> None:
+    entries = [directory(f"d{i}") for i in range(100)]
+    entries += [file(f"d{i % 100}/f{i}", b"x") for i in range(100_000)]
+    plan, locate = make_plan(tmp_path, [entries])
+    out = tmp_path / "many.ext4"
+    result = build(plan, locate, out)
+    assert fsck(out).returncode == 0
+    assert result.inodes - result.free_inodes >= 100_100
+    assert result.free_inodes >= 1024
+    assert "f99999" in debugfs(out, "ls /d99")
+
+
+def test_sparse_file_over_2_gib_stays_sparse(tmp_path: Path) -> None:
+    size = (2 << 30) + (512 << 20)
+    layer = Layer(sparse_tar("data/sparse.img", size, [(0, b"head"), (size - 4, b"tail")]),
+                  compression="none")
+    plan, locate = make_plan(tmp_path, [layer])
+    out = tmp_path / "sparse.ext4"
+    result = build(plan, locate, out)
+    assert fsck(out).returncode == 0
+    st = debugfs(out, "stat /data/sparse.img")
+    assert f"Size: {size}" in st
+    blockcount = int(st.split("Blockcount:")[1].split()[0])   # 512-byte sectors
+    assert blockcount <= 64
+    assert result.output_size < 1 << 30    # sized from the data, not the apparent size
+    assert out.stat().st_blocks * 512 < 200 << 20
+    # data blocks exactly where the data is: the first and the last block of the file
+    extents = st.split("EXTENTS:")[1]
+    last_block = (size - 1) // 4096
+    assert "(0):" in extents and f"({last_block}):" in extents
+
+
+# -- failures leave nothing behind ---------------------------------------------------------------
+
+def _no_partial(tmp_path: Path, name: str) -> None:
+    assert not (tmp_path / name).exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(f".{name}.")]
+
+
+def test_stream_writer_failure_surfaces_and_leaves_nothing(tmp_path: Path) -> None:
+    plan, locate = make_plan(tmp_path, rich_layers())
+
+    def broken(f) -> None:   # type: ignore[no-untyped-def]
+        f.write(b"\0" * 4096)
+        raise OSError("layer vanished")
+
+    with pytest.raises(PackagingError, match="layer vanished"):
+        build(plan, locate, tmp_path / "out.ext4", write_tar_fn=broken)
+    _no_partial(tmp_path, "out.ext4")
+
+
+def test_mke2fs_failure_surfaces_its_stderr(tmp_path: Path) -> None:
+    plan, locate = make_plan(tmp_path, rich_layers())
+
+    def garbage(f) -> None:   # type: ignore[no-untyped-def]
+        for _ in range(64):   # more than a pipe holds: mke2fs dies first, no deadlock
+            f.write(b"this is not a tar archive " * 4096)
+
+    with pytest.raises(PackagingError, match="mke2fs") as err:
+        build(plan, locate, tmp_path / "out.ext4", write_tar_fn=garbage)
+    assert "archive" in str(err.value).lower()
+    _no_partial(tmp_path, "out.ext4")
+
+
+def test_cancel_removes_partial_image(tmp_path: Path) -> None:
+    plan, locate = make_plan(tmp_path, rich_layers())
+    cancel = threading.Event()
+
+    def slow(f) -> None:   # type: ignore[no-untyped-def]
+        cancel.set()
+        import time
+        for _ in range(100):
+            time.sleep(0.05)
+            f.write(bytes(512))
+
+    with pytest.raises(Canceled):
+        build(plan, locate, tmp_path / "out.ext4", write_tar_fn=slow, cancel=cancel)
+    _no_partial(tmp_path, "out.ext4")
+
+
+@needs_loop
+@pytest.mark.parametrize("failure", [OSError("disk on fire"), KeyboardInterrupt()])
+def test_mount_method_failure_unmounts_and_detaches(tmp_path: Path, failure: BaseException
+                                                     ) -> None:
+    plan, locate = make_plan(tmp_path, rich_layers())
+    seen: list[Path] = []
+
+    def failing(target: Path) -> None:
+        from worker.flatten.dirout import apply_plan
+        seen.append(target)
+        apply_plan(plan, target, locate)
+        assert os.path.ismount(target)
+        raise failure
+
+    with pytest.raises(type(failure)):
+        build(plan, locate, tmp_path / "fail.ext4", method="mount", write_dir_fn=failing)
+    assert seen
+    assert not os.path.exists(seen[0])
+    assert leftovers("fail.ext4") == [] and leftovers(str(seen[0].parent)) == []
+    _no_partial(tmp_path, "fail.ext4")
+
+
+def test_dir_method_failure_removes_staging(tmp_path: Path) -> None:
+    plan, locate = make_plan(tmp_path, rich_layers())
+    seen: list[Path] = []
+
+    def failing(target: Path) -> None:
+        seen.append(target)
+        assert stat.S_IMODE(os.stat(target).st_mode) == 0o700
+        (target / "partial").write_text("x")
+        raise OSError("no more")
+
+    with pytest.raises(OSError, match="no more"):
+        build(plan, locate, tmp_path / "d.ext4", method="dir", write_dir_fn=failing)
+    assert seen and not seen[0].exists()
+    _no_partial(tmp_path, "d.ext4")
+
+
+def test_loop_skip_reason_is_only_missing_loop_devices() -> None:
+    # Loop tests may skip only where the machine lacks loop devices (or root), saying so.
+    assert LOOP_SKIP is None or "loop" in LOOP_SKIP
