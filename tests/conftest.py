@@ -7,7 +7,9 @@ Tools the suite needs are checked once; a missing one fails every test with the 
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -96,6 +98,28 @@ def redis_server() -> Iterator[RedisProcess]:
         yield server
 
 
+@pytest.fixture
+def registry_factory() -> Iterator[Callable[..., RegistryProcess]]:
+    """``registry_factory(auth=False)`` -> a fresh, empty registry just for this test."""
+    started: list[RegistryProcess] = []
+
+    def make(**kwargs: Any) -> RegistryProcess:
+        reg = RegistryProcess(**kwargs).start()
+        started.append(reg)
+        return reg
+
+    yield make
+    for reg in started:
+        reg.stop()
+
+
+@pytest.fixture
+def unique_repo(request: pytest.FixtureRequest) -> str:
+    """A repository name no other test uses (the session registries are shared)."""
+    name = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower()).strip("-")[:60] or "test"
+    return f"t/{name}-{uuid.uuid4().hex[:8]}"
+
+
 # -- settings ---------------------------------------------------------------------------------
 @pytest.fixture
 def settings_factory(tmp_path: Path) -> Callable[..., Any]:
@@ -128,3 +152,11 @@ def debian_image(registry: RegistryProcess) -> Any:
     from tests.support.debian import push_debian_image
 
     return push_debian_image(registry, repo="debian", tag="bookworm")
+
+
+@pytest.fixture(scope="session")
+def auth_debian_image(auth_registry: RegistryProcess) -> Any:
+    """The same Debian image, pushed to ``auth_registry`` (basic auth) as debian:bookworm."""
+    from tests.support.debian import push_debian_image
+
+    return push_debian_image(auth_registry, repo="debian", tag="bookworm")

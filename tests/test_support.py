@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import gzip
 import io
+import os
+import subprocess
+import sys
 import tarfile
+from pathlib import Path
 
 import pytest
 import requests
@@ -61,6 +65,16 @@ def test_auth_registry_requires_credentials(auth_registry):
     assert auth_registry.username == "tester"
 
 
+def test_registry_factory_gives_a_fresh_registry(registry_factory, registry, unique_repo):
+    fresh = registry_factory(auth=True, username="alice", password="s3cret")
+    assert fresh.port != registry.port
+    assert requests.get(f"{fresh.url}/v2/", auth=("alice", "s3cret"), timeout=5).status_code == 200
+    push_image(fresh, unique_repo, "v1", [Layer.from_entries([TarEntry("f")])])
+    catalog = requests.get(f"{fresh.url}/v2/_catalog", auth=("alice", "s3cret"), timeout=5)
+    assert catalog.json()["repositories"] == [unique_repo]
+    assert unique_repo.startswith("t/test-registry-factory")
+
+
 def test_redis_answers_ping(redis_server):
     assert redis_server.url.startswith("redis://127.0.0.1:")
     assert not redis_server.url.endswith(":6379")
@@ -70,6 +84,19 @@ def test_redis_answers_ping(redis_server):
 def test_settings_fixture_uses_tmp_dirs(settings, tmp_path):
     assert settings.cache_dir == tmp_path / "cache"
     assert settings.output_dir == tmp_path / "out"
+
+
+def test_missing_tool_fails_instead_of_skipping(tmp_path):
+    env = {**os.environ, "PATH": str(tmp_path)}  # no docker-registry, redis-server, htpasswd
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+         "tests/test_support.py::test_settings_fixture_uses_tmp_dirs"],
+        cwd=root, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 1, proc.stdout
+    assert "1 error" in proc.stdout and "skipped" not in proc.stdout and "passed" not in proc.stdout
+    assert "required tools missing" in proc.stdout and "docker-registry" in proc.stdout
 
 
 # -- tar building -------------------------------------------------------------------------------------
