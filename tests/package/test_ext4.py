@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
-import subprocess
 import threading
 from pathlib import Path
 
