@@ -108,14 +108,37 @@ def _tarinfo(path: str, e: IndexEntry, kind: EntryKind, *, linkname: str = "",
     ti.linkname = linkname
     if kind in (EntryKind.CHAR, EntryKind.BLOCK):
         ti.devmajor, ti.devminor = e.devmajor, e.devminor
-    if e.xattrs:
-        ti.pax_headers = {"SCHILY.xattr." + k: v.decode("utf-8", "surrogateescape")
-                          for k, v in e.xattrs}
     return ti
 
 
-def _encode(ti: tarfile.TarInfo) -> bytes:
-    return ti.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+def _pax_record(key: str, value: bytes) -> bytes:
+    kv = b" " + key.encode("utf-8", "surrogateescape") + b"=" + value + b"\n"
+    n = len(kv) + len(str(len(kv)))
+    n = len(kv) + len(str(n))
+    return str(n).encode() + kv
+
+
+def _encode(ti: tarfile.TarInfo, xattrs: tuple[tuple[str, bytes], ...] = ()) -> bytes:
+    """PAX header blocks for ``ti``, plus ``SCHILY.xattr.*`` records carrying raw bytes.
+
+    tarfile would flag the whole header ``hdrcharset=BINARY`` as soon as one xattr value is
+    not UTF-8, which GNU tar does not understand (and xattr values are binary anyway), so the
+    xattr records are added to tarfile's extended header here.
+    """
+    body = ti.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+    if not xattrs:
+        return body
+    records = b""
+    if body[156:157] == tarfile.XHDTYPE:
+        size = int(body[124:136].rstrip(b"\0 ") or b"0", 8)
+        records = body[BLOCKSIZE:BLOCKSIZE + size]
+        body = body[BLOCKSIZE + size + (-size % BLOCKSIZE):]
+    records += b"".join(_pax_record("SCHILY.xattr." + k, v) for k, v in xattrs)
+    xh = tarfile.TarInfo("././@PaxHeader")
+    xh.type = tarfile.XHDTYPE
+    xh.size = len(records)
+    return (xh.tobuf(tarfile.USTAR_FORMAT) + records + b"\0" * (-len(records) % BLOCKSIZE)
+            + body)
 
 
 def sparse_map(e: IndexEntry) -> list[tuple[int, int]]:
@@ -133,7 +156,7 @@ def header_for(pe: PlannedEntry) -> bytes:
         return _encode(_tarinfo(pe.path, e, EntryKind.HARDLINK, linkname=pe.link_to))
     kind = e.kind
     if kind == EntryKind.SYMLINK:
-        return _encode(_tarinfo(pe.path, e, kind, linkname=e.linkname))
+        return _encode(_tarinfo(pe.path, e, kind, linkname=e.linkname), e.xattrs)
     if kind == EntryKind.FILE and e.sparse is not None:
         chunks = sparse_map(e)
         if sum(n for _, n in chunks) != e.data_size:
@@ -147,10 +170,10 @@ def header_for(pe: PlannedEntry) -> bytes:
         ti.pax_headers = dict(ti.pax_headers, **{
             "GNU.sparse.major": "1", "GNU.sparse.minor": "0", "GNU.sparse.name": pe.path,
             "GNU.sparse.realsize": str(e.size)})
-        return _encode(ti) + mapblock
+        return _encode(ti, e.xattrs) + mapblock
     if kind == EntryKind.FILE:
-        return _encode(_tarinfo(pe.path, e, kind, size=e.data_size))
-    return _encode(_tarinfo(pe.path, e, kind))
+        return _encode(_tarinfo(pe.path, e, kind, size=e.data_size), e.xattrs)
+    return _encode(_tarinfo(pe.path, e, kind), e.xattrs)
 
 
 def _raw_ok(raw: bytes, pe: PlannedEntry) -> bool:
@@ -163,7 +186,7 @@ def _raw_ok(raw: bytes, pe: PlannedEntry) -> bool:
         return False
     e = pe.entry
     return (ti.type in (tarfile.REGTYPE, tarfile.AREGTYPE)
-            and ti.name == pe.path and ti.size == e.data_size == e.size
+            and ti.name in (pe.path, "./" + pe.path) and ti.size == e.data_size == e.size
             and not ti.uname and not ti.gname and not e.xattrs
             and ti.mode == e.mode and ti.uid == e.uid and ti.gid == e.gid
             and ti.mtime == e.mtime)
@@ -210,7 +233,7 @@ def write_tar(plan: FlatPlan, out: BinaryIO, locate: BlobLocator, *,
     for pe in plan.entries:
         if pe.link_to is None and not pe.has_data:
             if pe.path == "." and pe.entry.kind == EntryKind.DIR:
-                w.write(_encode(_tarinfo("./", pe.entry, EntryKind.DIR)))
+                w.write(_encode(_tarinfo("./", pe.entry, EntryKind.DIR), pe.entry.xattrs))
             else:
                 w.write(header_for(pe))
             rep.entries += 1
