@@ -296,9 +296,9 @@ class _Applier:
                 finally:
                     stream.close()
                 self.report.layers_read += 1
-            self.emit(f"layer {i + 1}/{len(plan.layers)} applied", i + 1, force=True)
             if on_layer_done is not None:
                 on_layer_done(i)
+            self.emit(f"layer {i + 1}/{len(plan.layers)} applied", i + 1, force=True)
         self.check()
         for pe in plan.entries:
             if pe.link_to is not None:

@@ -271,10 +271,10 @@ def write_tar(plan: FlatPlan, out: BinaryIO, locate: BlobLocator, *,
             finally:
                 stream.close()
             rep.layers_read += 1
-        prog.layers_done = i + 1
-        prog.emit(f"layer {i + 1}/{len(plan.layers)} applied", force=True)
         if on_layer_done is not None:
             on_layer_done(i)
+        prog.layers_done = i + 1
+        prog.emit(f"layer {i + 1}/{len(plan.layers)} applied", force=True)
 
     _check(cancel)
     for pe in plan.entries:

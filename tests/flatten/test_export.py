@@ -1,0 +1,221 @@
+"""The export command around the flattening: limits, broken layers, stdout, low-disk, cancel,
+the ``--json`` result, and never a partial output."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.flatten.support import dir_listing, run_export, tar_listing
+from tests.support.imagebuilder import Layer, TarEntry, file, push_image, symlink
+from worker.cache.blobs import BlobCache
+from worker.errors import Canceled, CorruptLayer
+from worker.export import ExportRequest, OutputFormat, build_output, export, resolve
+from worker.progress import Phase, ProgressEvent
+
+
+def _leftovers(d: Path, keep: set[str]) -> list[str]:
+    return sorted(p.name for p in d.iterdir() if p.name not in keep)
+
+
+@pytest.fixture
+def small_image(registry: Any) -> Any:
+    return push_image(registry, "export/small", "v1", [
+        Layer.from_entries([file("etc/hostname", "vm\n"), symlink("bin", "usr/bin"),
+                            file("usr/bin/tool", "#!/bin/sh\n" * 100, mode=0o755)]),
+        Layer.from_entries([file("etc/motd", "hello"), file("big", os.urandom(3 << 20))],
+                           compression="zstd"),
+    ], config={"Entrypoint": ["/bin/tool"], "Cmd": ["--serve"], "Env": ["A=1"],
+               "WorkingDir": "/srv", "User": "1000:1000",
+               "ExposedPorts": {"8080/tcp": {}}, "Labels": {"org.example": "yes"}})
+
+
+def test_json_result_describes_the_output(small_image: Any, tmp_path: Path) -> None:
+    out = tmp_path / "root.tar"
+    rc, stdout, err = run_export(small_image.reference, out, "tar", tmp_path / "cache")
+    assert rc == 0, err
+    doc = json.loads(stdout)
+    assert doc["image"] == small_image.reference
+    assert doc["manifest_digest"] == small_image.manifest_digest
+    assert doc["platform"].startswith("linux/")
+    assert doc["format"] == "tar" and doc["output"] == str(out)
+    assert doc["output_size"] == out.stat().st_size
+    assert doc["sha256"] == hashlib.sha256(out.read_bytes()).hexdigest()
+    assert doc["counts"]["file"] == 4 and doc["counts"]["symlink"] == 1
+    assert doc["config"] == {"Entrypoint": ["/bin/tool"], "Cmd": ["--serve"],
+                             "Env": doc["config"]["Env"], "WorkingDir": "/srv",
+                             "User": "1000:1000", "ExposedPorts": ["8080/tcp"],
+                             "Labels": {"org.example": "yes"}}
+    assert "A=1" in doc["config"]["Env"]
+    assert {"resolve", "download", "plan", "apply"} <= set(doc["timings"])
+    assert json.loads((tmp_path / "root.tar.json").read_text())["sha256"] == doc["sha256"]
+    # progress covered every phase, on stderr, as plain lines (not a TTY)
+    for phase in ("resolve", "download", "apply", "done"):
+        assert f"rootfs-export: {phase}" in err
+
+
+def test_tar_to_stdout_equals_tar_file(small_image: Any, tmp_path: Path) -> None:
+    out = tmp_path / "file.tar"
+    rc, _, err = run_export(small_image.reference, out, "tar", tmp_path / "cache")
+    assert rc == 0, err
+    cmd = [str(Path(sys.executable).parent / "rootfs-export"), "export",
+           small_image.reference, "-o", "-", "--format", "tar", "--cache-dir",
+           str(tmp_path / "cache")]
+    p = subprocess.run(cmd, capture_output=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout == out.read_bytes()
+    assert b"wrote -" in p.stderr
+
+
+def test_stdout_needs_tar_and_no_json(small_image: Any, tmp_path: Path) -> None:
+    rc, _, err = run_export(small_image.reference, Path("-"), "dir", tmp_path / "cache")
+    assert rc == 2 and "only possible with --format tar" in err
+
+
+def test_decompression_bomb_fails_and_leaves_nothing(registry: Any, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    bomb = Layer.from_entries([file("zeros", bytes(64 << 20))])
+    assert bomb.size < 1 << 20
+    img = push_image(registry, "export/bomb", "v1", [bomb])
+    monkeypatch.setenv("ROOTFS_EXPORT_MAX_UNCOMPRESSED_BYTES", str(16 << 20))
+    for fmt in ("dir", "tar", "ext4"):
+        rc, _, err = run_export(img.reference, tmp_path / f"out.{fmt}", fmt, tmp_path / "cache")
+        assert rc != 0 and "exceeds the limit" in err and "MAX_UNCOMPRESSED_BYTES" in err, err
+    assert _leftovers(tmp_path, {"cache"}) == []
+    assert not BlobCache(tmp_path / "cache").has(bomb.digest)
+
+
+def test_entry_count_limit(registry: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    img = push_image(registry, "export/many", "v1",
+                     [Layer.from_entries([file(f"f{i}", "") for i in range(50)])])
+    monkeypatch.setenv("ROOTFS_EXPORT_MAX_ENTRIES", "20")
+    rc, _, err = run_export(img.reference, tmp_path / "out", "dir", tmp_path / "cache")
+    assert rc != 0 and "MAX_ENTRIES" in err
+    assert _leftovers(tmp_path, {"cache"}) == []
+
+
+def test_truncated_layer_fails_and_leaves_nothing(registry: Any, tmp_path: Path) -> None:
+    good = Layer.from_entries([file("a", os.urandom(200_000))])
+    bad = Layer.from_entries([file("b", os.urandom(200_000))])
+    bad.__dict__["blob"] = bad.blob[: len(bad.blob) // 2]   # the registry stores what we send
+    img = push_image(registry, "export/truncated", "v1", [good, bad])
+    for fmt in ("dir", "tar"):
+        rc, _, err = run_export(img.reference, tmp_path / f"out.{fmt}", fmt, tmp_path / "cache")
+        assert rc != 0 and "truncated" in err and bad.digest in err, err
+    assert _leftovers(tmp_path, {"cache"}) == []
+
+
+@pytest.mark.parametrize("fmt", ["dir", "tar"])
+def test_blob_lost_from_cache_mid_export_leaves_nothing(small_image: Any, settings: Any,
+                                                         tmp_path: Path, fmt: str) -> None:
+    from worker.pull.fetch import fetch_layers
+
+    resolved = resolve(small_image.reference, None, settings)
+    layers = fetch_layers(resolved, settings)
+    BlobCache(settings.cache_dir).path(layers[1].digest).unlink()
+    out = tmp_path / f"out.{fmt}"
+    with pytest.raises(CorruptLayer, match="missing"):
+        build_output(resolved, layers, ExportRequest(small_image.reference, str(out),
+                                                     OutputFormat(fmt)), settings)
+    assert _leftovers(tmp_path, {"cache", "out"}) == []
+
+
+@pytest.mark.parametrize("fmt", ["dir", "tar"])
+def test_cancel_during_apply_leaves_nothing(small_image: Any, settings: Any, tmp_path: Path,
+                                            fmt: str) -> None:
+    cancel = threading.Event()
+    phases: list[Phase] = []
+
+    def progress(ev: ProgressEvent) -> None:
+        phases.append(ev.phase)
+        if ev.phase == Phase.APPLY and ev.layers_done == 1:
+            cancel.set()
+
+    out = tmp_path / f"out.{fmt}"
+    with pytest.raises(Canceled):
+        export(ExportRequest(small_image.reference, str(out), OutputFormat(fmt)), settings,
+               progress=progress, cancel=cancel)
+    assert Phase.DOWNLOAD in phases and Phase.APPLY in phases
+    assert _leftovers(tmp_path, {"cache", "out"}) == []
+
+
+@pytest.mark.parametrize("fmt", ["dir", "tar"])
+def test_low_disk_deletes_each_layer_once_read(small_image: Any, settings: Any, tmp_path: Path,
+                                               fmt: str) -> None:
+    cache = BlobCache(settings.cache_dir)
+    seen: list[tuple[int, bool, bool]] = []
+
+    def progress(ev: ProgressEvent) -> None:
+        if ev.phase == Phase.APPLY and ev.layers_total:
+            seen.append((ev.layers_done, cache.has(small_image.layer_digests[0]),
+                         cache.has(small_image.layer_digests[1])))
+
+    out = tmp_path / f"out.{fmt}"
+    res = export(ExportRequest(small_image.reference, str(out), OutputFormat(fmt),
+                               low_disk=True), settings, progress=progress)
+    assert (1, False, True) in seen          # layer 1 gone while layer 2 still in use
+    assert (2, False, False) in seen
+    assert not cache.has(small_image.layer_digests[0])
+    assert not cache.has(small_image.layer_digests[1])
+    listing = dir_listing(out)[0] if fmt == "dir" else tar_listing(out)[0]
+    assert "big" in listing and res.counts["file"] == 4
+    # default mode keeps the (shared) cache
+    out2 = tmp_path / f"again.{fmt}"
+    export(ExportRequest(small_image.reference, str(out2), OutputFormat(fmt)), settings)
+    assert cache.has(small_image.layer_digests[0]) and cache.has(small_image.layer_digests[1])
+
+
+def test_existing_non_empty_dir_is_refused_untouched(small_image: Any, tmp_path: Path) -> None:
+    out = tmp_path / "root"
+    out.mkdir()
+    (out / "precious").write_text("keep me")
+    rc, _, err = run_export(small_image.reference, out, "dir", tmp_path / "cache")
+    assert rc != 0 and "not an empty directory" in err
+    assert [p.name for p in out.iterdir()] == ["precious"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    rc, _, err = run_export(small_image.reference, empty, "dir", tmp_path / "cache")
+    assert rc == 0, err
+    assert (empty / "etc/hostname").read_text() == "vm\n"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching to an unprivileged user needs root")
+def test_unprivileged_dir_export_warns_with_counts(registry: Any,
+                                                  request: pytest.FixtureRequest) -> None:
+    img = push_image(registry, "export/privileged", "v1", [Layer.from_entries([
+        file("owned", "x", uid=1234, gid=1234), file("mine", "y"),
+        TarEntry("dev/null", "char", devmajor=1, devminor=3, mode=0o666),
+        file("ping", "p", xattrs={"security.capability":
+                                  bytes.fromhex("0100000200200000000000000000000000000000")}),
+        TarEntry("run/fifo", "fifo")])])
+    # pytest's tmp dirs are root-only all the way up: use a world-traversable one
+    work = Path(tempfile.mkdtemp(prefix="rootfs-export-nobody-"))
+    request.addfinalizer(lambda: shutil.rmtree(work, ignore_errors=True))
+    os.chown(work, 65534, 65534)
+    (work / "docker").mkdir()
+    os.chown(work / "docker", 65534, 65534)
+    exe = str(Path(sys.executable).parent / "rootfs-export")
+    p = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", exe,
+                        "export", img.reference, "-o", str(work / "root"), "--format", "dir",
+                        "--cache-dir", str(work / "cache"), "--json"],
+                       capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, DOCKER_CONFIG=str(work / "docker")))
+    assert p.returncode == 0, p.stderr
+    doc = json.loads(p.stdout)
+    assert "could not be preserved" in p.stderr and "not running as root" in p.stderr
+    assert doc["extra"]["not_preserved"]["ownership"] >= 1
+    assert doc["extra"]["not_preserved"]["devices"] == 1
+    assert doc["extra"]["not_preserved"]["xattrs"] == 1
+    root = work / "root"
+    assert (root / "owned").read_text() == "x" and (root / "mine").read_text() == "y"
+    assert not (root / "dev/null").exists() and (root / "run/fifo").exists()
