@@ -315,7 +315,8 @@ def claim_package(url: str, build_id: str, task_id: str) -> bool:
 
 
 def finish_build(url: str, build_id: str, status: str, *, result: dict[str, Any] | None = None,
-                 error: str | None = None, phase: str | None = None) -> bool:
+                 error: str | None = None, phase: str | None = None,
+                 progress: dict[str, Any] | None = None) -> bool:
     """End a running build and hand its outcome to every job still attached to it.
 
     Returns False (and changes nothing) if the build had already ended (canceled, failed by a
@@ -329,8 +330,8 @@ def finish_build(url: str, build_id: str, status: str, *, result: dict[str, Any]
         b.status, b.result, b.error, b.updated_at, b.finished_at = status, result, error, now, now
         if phase:
             b.phase = phase
-        if status == SUCCEEDED and b.progress:
-            b.progress = dict(b.progress, phase="done")
+        if progress is not None:
+            b.progress = progress
         if status != SUCCEEDED:
             b.key = f"retired:{b.id}"     # a later job for the same key builds afresh
         s.execute(update(Export).where(Export.build_id == build_id,

@@ -1,0 +1,199 @@
+"""The service end to end: real Redis, real Celery workers on two nodes, the real API over HTTP,
+Flower, and the real test registry. SQLite job store here; PostgreSQL in test_e2e_postgres.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.service.images import blob_gets, push_small_image
+from tests.service.stack import Stack, wait_for
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory, redis_server: Any) -> Iterator[Stack]:
+    workdir = tmp_path_factory.mktemp("service")
+    s = Stack(workdir=workdir, redis_url=redis_server.url,
+              database_url=f"sqlite:///{workdir / 'jobs.db'}",
+              extra_env={"FLOWER_UNAUTHENTICATED_API": "true"})
+    try:
+        s.migrate()
+        s.start_api()
+        s.start_worker("a", concurrency=2)
+        s.start_worker("b", concurrency=2)
+        yield s
+    finally:
+        s.stop()
+
+
+@pytest.fixture(scope="module")
+def flower(stack: Stack) -> str:
+    _proc, port = stack.start_flower()
+    return f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture
+def client(stack: Stack) -> Iterator[httpx.Client]:
+    with stack.client() as c:
+        yield c
+
+
+def e2fsck_ok(path: str) -> None:
+    out = subprocess.run(["e2fsck", "-fn", path], capture_output=True, text=True, timeout=120,
+                         env={"PATH": "/usr/sbin:/sbin:/usr/bin:/bin"})
+    assert out.returncode == 0, f"e2fsck -fn {path}: {out.returncode}\n{out.stdout}{out.stderr}"
+
+
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def check_succeeded(stack: Stack, job: dict[str, Any], node: str = "a") -> str:
+    assert job["status"] == "succeeded", f"{job}\n{stack.logs()}"
+    result = job["result"]
+    out = result["output"]
+    assert Path(out).parent == stack.output_dir(node), out
+    assert Path(out).stat().st_size == result["size"]
+    assert file_sha256(out) == result["sha256"].removeprefix("sha256:")
+    e2fsck_ok(out)
+    return str(out)
+
+
+def test_small_image_export_succeeds_and_ran_on_both_workers(
+        stack: Stack, client: httpx.Client, registry: Any, flower: str) -> None:
+    image = push_small_image(registry, layers=8, layer_bytes=256 << 10)
+    job = stack.submit(client, image.reference)
+    assert job["status"] in ("queued", "running") and job["node"] == "a"
+    assert client.get(f"/v1/exports/{job['id']}").status_code == 200
+    done = stack.wait_job(client, job["id"])
+    out = check_succeeded(stack, done)
+    assert done["result"]["config"]["Entrypoint"] == ["/bin/sh"]
+    assert done["manifest_digest"] == image.manifest_digest
+    assert done["progress"]["layers_total"] == 8
+
+    # Flower's HTTP API lists the job's tasks with readable names and credential-free args.
+    def flower_tasks() -> dict[str, Any] | None:
+        tasks = httpx.get(f"{flower}/api/tasks", timeout=10).json()
+        mine = {k: t for k, t in tasks.items() if job["id"] in str(t.get("args"))
+                or done["build_id"] in str(t.get("args")) + str(t.get("kwargs"))}
+        names = {t["name"] for t in mine.values()}
+        ok = {"rootfs_export.resolve", "rootfs_export.fetch_layer",
+              "rootfs_export.package"} <= names and all(
+            t.get("state") == "SUCCESS" for t in mine.values())
+        return mine if ok else None
+
+    tasks = wait_for(flower_tasks, 30, "flower to list the job's tasks", interval=0.5)
+    fetches = [t for t in tasks.values() if t["name"] == "rootfs_export.fetch_layer"]
+    assert len(fetches) == 8
+    assert {t["args"].count("sha256:") for t in fetches} == {1}
+    workers = {t["worker"] for t in fetches}
+    assert len(workers) >= 2, f"all layer tasks ran on {workers}"
+    package = [t for t in tasks.values() if t["name"] == "rootfs_export.package"]
+    assert package[0]["worker"].startswith("a@"), package
+    assert Path(out).exists()
+
+
+def test_bad_reference_is_422(client: httpx.Client) -> None:
+    resp = client.post("/v1/exports", json={"image": "UPPER/Case::bad"})
+    assert resp.status_code == 422
+    assert "invalid image reference" in resp.text
+
+
+def test_registry_404_fails_the_job_clearly(stack: Stack, client: httpx.Client,
+                                             registry: Any) -> None:
+    ref = f"{registry.host}/svc/does-not-exist:v1"
+    job = stack.submit(client, ref)
+    done = stack.wait_job(client, job["id"], timeout=60)
+    assert done["status"] == "failed", done
+    assert "does-not-exist" in done["error"] and "not found" in done["error"].lower(), done
+
+
+def test_twenty_identical_jobs_download_each_blob_once(stack: Stack, client: httpx.Client,
+                                                       registry: Any) -> None:
+    image = push_small_image(registry, layers=3, layer_bytes=512 << 10)
+    before = blob_gets(registry.log_path.read_text())
+    jobs: list[dict[str, Any]] = []
+    lock = threading.Lock()
+
+    def submit(body: dict[str, Any]) -> None:
+        with stack.client() as c:
+            j = stack.submit(c, image.reference, **body)
+        with lock:
+            jobs.append(j)
+
+    # 18 identical jobs coalesce onto one build; 2 more with another label make a second build
+    # that fetches the same blobs at the same time.
+    bodies: list[dict[str, Any]] = [{}] * 18 + [{"label": "second"}] * 2
+    threads = [threading.Thread(target=submit, args=(b,)) for b in bodies]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert len(jobs) == 20
+    finished = [stack.wait_job(client, j["id"]) for j in jobs]
+    assert all(j["status"] == "succeeded" for j in finished), finished
+    first = [j for j in finished if j["options"]["label"] == "rootfs"]
+    second = [j for j in finished if j["options"]["label"] == "second"]
+    assert len({j["result"]["output"] for j in first}) == 1
+    assert len({j["build_id"] for j in first}) == 1
+    assert sum(j["reused"] for j in first) == 17
+    assert len({j["build_id"] for j in second}) == 1
+    assert second[0]["build_id"] != first[0]["build_id"]
+    check_succeeded(stack, first[0])
+    check_succeeded(stack, second[0])
+    after = blob_gets(registry.log_path.read_text())
+    # Every layer blob crossed the network once. (Each job's resolve reads the manifest and the
+    # few-KB config itself, since a tag may move between submissions.)
+    for digest in image.layer_digests:
+        downloads = after[digest] - before[digest]
+        assert downloads == 1, f"layer {digest} downloaded {downloads} times"
+
+    listed = client.get("/v1/exports", params={"status": "succeeded", "limit": 5})
+    assert listed.status_code == 200
+    body = listed.json()
+    assert len(body["items"]) == 5 and body["total"] >= 20
+    page2 = client.get("/v1/exports", params={"status": "succeeded", "limit": 5, "offset": 5})
+    assert {i["id"] for i in page2.json()["items"]}.isdisjoint({i["id"] for i in body["items"]})
+    assert client.get("/v1/exports", params={"status": "bogus"}).status_code == 422
+
+
+def test_finished_identical_job_reuses_the_artifact(stack: Stack, client: httpx.Client,
+                                                    registry: Any) -> None:
+    image = push_small_image(registry, layers=2)
+    first = stack.wait_job(client, stack.submit(client, image.reference)["id"])
+    assert first["status"] == "succeeded"
+    t0 = time.monotonic()
+    second = stack.wait_job(client, stack.submit(client, image.reference)["id"])
+    assert second["status"] == "succeeded" and second["reused"]
+    assert second["result"]["output"] == first["result"]["output"]
+    assert time.monotonic() - t0 < 30
+    # Other options are another artifact.
+    third = stack.wait_job(client, stack.submit(client, image.reference, label="other")["id"])
+    assert third["status"] == "succeeded" and third["build_id"] != first["build_id"]
+    check_succeeded(stack, third)
+
+
+def test_job_for_node_b_is_packaged_on_b(stack: Stack, client: httpx.Client,
+                                         registry: Any) -> None:
+    image = push_small_image(registry, layers=2)
+    done = stack.wait_job(client, stack.submit(client, image.reference, node="b",
+                                               format="tar")["id"])
+    assert done["status"] == "succeeded", done
+    out = Path(done["result"]["output"])
+    assert out.parent == stack.output_dir("b") and out.suffix == ".tar"
+    assert file_sha256(str(out)) == done["result"]["sha256"].removeprefix("sha256:")
