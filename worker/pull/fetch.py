@@ -23,7 +23,7 @@ from worker.cache.decompress import (
     sniff_compression,
 )
 from worker.cache.index import IndexEntry, IndexLimits, LayerIndex, index_tar_stream
-from worker.errors import Canceled, DigestMismatch, RootfsExportError
+from worker.errors import Canceled, CorruptLayer, DigestMismatch, RootfsExportError
 from worker.progress import (
     LayerProgress,
     LayerState,
@@ -132,9 +132,17 @@ def fetch_layer_to_cache(client: RegistryClient, ref: Reference, desc: Descripto
                         on_bytes(len(chunk))
                     yield chunk
 
-            tar = index_tar_stream(decompress_stream(network(), layer=desc.digest,
-                                                     on_sniff=sniffed.append),
-                                   layer=desc.digest, limits=limits)
+            net = network()
+            try:
+                tar = index_tar_stream(decompress_stream(net, layer=desc.digest,
+                                                         on_sniff=sniffed.append),
+                                       layer=desc.digest, limits=limits)
+            except CorruptLayer:
+                # Garbled bytes usually mean a lying registry: finish the (size-bounded)
+                # download so the digest check can say so; else the layer itself is corrupt.
+                for _ in net:
+                    pass
+                raise
             _check_diff_id(image, desc, diff_id, tar.diff_id)
             f.flush()
             compression = sniffed[0] if sniffed else "none"

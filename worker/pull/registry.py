@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
+import time
 import urllib.parse
 from collections.abc import Iterator
 from typing import Any
@@ -52,6 +53,8 @@ log = logging.getLogger(__name__)
 
 READ_SIZE = 1 << 20
 MAX_CONFIG_BYTES = 16 << 20
+#: hand on what arrived at least this often (progress, cancel) on slow links
+FLUSH_INTERVAL = 0.25
 #: exceptions raised while reading a response body when the connection drops
 _BODY_ERRORS: tuple[type[BaseException], ...] = (
     urllib3.exceptions.ProtocolError, urllib3.exceptions.ReadTimeoutError,
@@ -268,24 +271,35 @@ class RegistryClient:
                     raise RegistryError(f"{image}: {what}: bad answer to a Range request "
                                         f"(HTTP {resp.status_code})", image=image,
                                         status=resp.status_code, transient=True)
+            pending = bytearray()
             try:
                 with resp:
+                    last_yield = time.monotonic()
                     while done < desc.size:
                         if cancel is not None and cancel.is_set():
                             raise Canceled(f"{image}: {what}: canceled")
-                        want = min(read_size, desc.size - done + skip)
-                        chunk = resp.raw.read(want, decode_content=False)
-                        if not chunk:
+                        # read1 returns what the socket has (so cancel is checked often even
+                        # on a slow link); pieces are gathered into ~read_size chunks.
+                        want = min(read_size - len(pending), desc.size - done) + skip
+                        piece = resp.raw.read1(want, decode_content=False)
+                        if not piece:
                             raise ConnectionError("connection closed before the end of the blob")
                         if skip:
-                            if len(chunk) <= skip:
-                                skip -= len(chunk)
+                            if len(piece) <= skip:
+                                skip -= len(piece)
                                 continue
-                            chunk = chunk[skip:]
+                            piece = piece[skip:]
                             skip = 0
-                        sha.update(chunk)
-                        done += len(chunk)
-                        yield chunk
+                        sha.update(piece)
+                        done += len(piece)
+                        pending += piece
+                        now = time.monotonic()
+                        if len(pending) >= read_size or done >= desc.size or \
+                                now - last_yield >= FLUSH_INTERVAL:
+                            chunk = bytes(pending)
+                            pending.clear()
+                            last_yield = now
+                            yield chunk
                     # A server sending more than the descriptor's size is lying about the blob.
                     extra = resp.raw.read(1, decode_content=False)
                     if extra:
@@ -294,14 +308,18 @@ class RegistryClient:
                                              "bytes")
                 break
             except _BODY_ERRORS as exc:
-                drops += 1
-                if drops > self.settings.retries:
-                    raise RegistryError(f"{image}: {what}: download kept failing after {done} "
-                                        f"of {desc.size} bytes ({type(exc).__name__})",
-                                        image=image, transient=True) from None
-                log.info("%s: connection dropped at %d/%d bytes, resuming", what, done,
-                         desc.size)
-                sleep(backoff_delay(drops - 1, self.settings), cancel)
+                error = exc
+            # Bytes received before the drop are good: hand them on, then resume after them.
+            if pending:
+                yield bytes(pending)
+                pending.clear()
+            drops += 1
+            if drops > self.settings.retries:
+                raise RegistryError(f"{image}: {what}: download kept failing after {done} "
+                                    f"of {desc.size} bytes ({type(error).__name__})",
+                                    image=image, transient=True) from None
+            log.info("%s: connection dropped at %d/%d bytes, resuming", what, done, desc.size)
+            sleep(backoff_delay(drops - 1, self.settings), cancel)
         actual = "sha256:" + sha.hexdigest()
         if actual != desc.digest:
             raise DigestMismatch(f"{image}: {what}", desc.digest, actual)
