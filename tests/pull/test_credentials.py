@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from worker.errors import AuthenticationError, ConfigError
-from worker.pull.credentials import CredentialSource, Credentials, find_credentials
+from worker.pull.credentials import Credentials, CredentialSource, find_credentials
 
 SECRET = "s3cr3t-Pa55"
 
