@@ -32,7 +32,9 @@ BLOCK_SIZE = 4096
 INODE_SIZE = 256
 
 # Our mke2fs.conf: the few [defaults] mke2fs consults even when -O/-N/-b/-I are explicit.
-# Features are always passed as an explicit "-O none,..." list (see features.py).
+# Features are always passed as an explicit "-O none,..." list (see features.py). The size
+# classes (floppy ... huge) exist, empty, because mke2fs warns about undefined ones; our -b and
+# -N override what the host's file sets for them.
 MKE2FS_CONF = """\
 [defaults]
 	base_features = sparse_super,large_file,filetype,resize_inode,dir_index,ext_attr
@@ -49,6 +51,16 @@ MKE2FS_CONF = """\
 [fs_types]
 	ext4 = {
 		features = has_journal,extent,huge_file,flex_bg,metadata_csum,64bit,dir_nlink,extra_isize
+	}
+	floppy = {
+	}
+	small = {
+	}
+	default = {
+	}
+	big = {
+	}
+	huge = {
 	}
 """
 

@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import shutil
+import stat
 import subprocess
 import tempfile
 import threading
@@ -159,6 +160,7 @@ def build_ext4(plan: FlatPlan, request: ExportRequest, settings: Settings, *,
     if alignment % BLOCK_SIZE:
         raise ConfigError(f"ROOTFS_EXPORT_EXT4_ALIGNMENT: {alignment} is not a multiple of "
                           f"{BLOCK_SIZE} (the block size)")
+    _check_lost_found(plan)
     method, warnings = choose_method(plan, opts.method, strict=opts.strict)
     _check_cancel(cancel)
     if not out.parent.is_dir():
@@ -189,7 +191,7 @@ def build_ext4(plan: FlatPlan, request: ExportRequest, settings: Settings, *,
         elif method == Ext4Method.MOUNT:
             _build_mount(mkfs, image, fs_bytes, work, write_dir, cancel)
         else:
-            _build_dir(mkfs, image, fs_bytes, work, write_dir, cancel)
+            _build_dir(mkfs, image, fs_bytes, work, write_dir, plan, cancel)
             _debugfs_fixups(image, plan, xattrs=False, hardlinks=False, root=True,
                             symlink_links=True)
         timings["package"] = time.monotonic() - t0
@@ -246,23 +248,23 @@ def stream_blockers(plan: FlatPlan) -> list[str]:
     problems = []
     for planned in plan.entries:
         if any(name != "security.capability" for name, _ in planned.entry.xattrs) \
-                and ("\n" in planned.path or len(planned.path) > 4000):
+                and not debugfs_addressable(planned.path):
             problems.append(f"xattrs on {planned.path!r} cannot be set by path with debugfs")
     return problems
 
 
+def debugfs_addressable(path: str) -> bool:
+    """Whether debugfs can name ``path`` in a script line (no newline, fits its line buffer)."""
+    return "\n" not in path and len(os.fsencode(path)) < 4000
+
+
 def _lossy_as_non_root(plan: FlatPlan) -> list[str]:
-    lost = []
-    owners = {(p.entry.uid, p.entry.gid) for p in plan.entries}
-    if owners - {(os.geteuid(), os.getegid())}:
-        lost.append("file ownership (everything becomes owned by the invoking user)")
-    devices = sum(plan.counts.get(k, 0) for k in ("char", "block"))
-    if devices:
-        lost.append(f"{devices} device node(s)")
-    if any(name.startswith(("trusted.", "security.")) for p in plan.entries
-           for name, _ in p.entry.xattrs):
-        lost.append("trusted.*/security.* xattrs")
-    return lost
+    """What the dir method cannot restore as non-root (see :func:`_restore_unprivileged`)."""
+    bad = [p.path for p in plan.entries if not debugfs_addressable(p.path)]
+    if not bad:
+        return []
+    return [f"ownership, modes, devices and xattrs of {len(bad)} path(s) debugfs cannot "
+            f"address (e.g. {bad[0]!r})"]
 
 
 def choose_method(plan: FlatPlan, requested: Ext4Method, *,
@@ -270,7 +272,9 @@ def choose_method(plan: FlatPlan, requested: Ext4Method, *,
     """The method to use for ``plan`` and any warnings; errors if a forced one cannot run.
 
     Auto: ``stream`` where ``mke2fs -d -`` works and can reproduce the plan, else ``mount`` as
-    root with loop devices, else ``dir`` (lossy as non-root: warned, refused with ``strict``).
+    root with loop devices, else ``dir``. As non-root the dir method restores ownership, modes,
+    device nodes and xattrs with debugfs after ``mke2fs -d``; only paths debugfs cannot name
+    are lost, which is warned about (refused with ``strict``).
     """
     from worker.export import Ext4Method
 
@@ -304,6 +308,19 @@ def choose_method(plan: FlatPlan, requested: Ext4Method, *,
             warnings.append(why)
             log.warning("%s", why)
     return Ext4Method.DIR, warnings
+
+
+def _check_lost_found(plan: FlatPlan) -> None:
+    """ext4 needs ``/lost+found`` to be a directory (mke2fs creates it, e2fsck relies on it)."""
+    from worker.cache.index import EntryKind
+
+    for planned in plan.entries:
+        if planned.path == "lost+found" and (planned.link_to is not None
+                                             or planned.entry.kind != EntryKind.DIR):
+            raise PackagingError(
+                f"the image has /lost+found as a {planned.kind}, not a directory: an ext4 "
+                "root filesystem needs /lost+found to be a directory (use --format tar or dir "
+                "for this image)")
 
 
 # -- geometry ------------------------------------------------------------------------------------
@@ -571,11 +588,15 @@ def _build_mount(mkfs: list[str], image: Path, fs_bytes: int, work: Path, write_
 
 
 def _build_dir(mkfs: list[str], image: Path, fs_bytes: int, work: Path, write_dir: DirWriter,
-               cancel: threading.Event | None) -> None:
+               plan: FlatPlan, cancel: threading.Event | None) -> None:
     staging = work / "rootfs"
     staging.mkdir(mode=0o700)
     write_dir(staging)
     _check_cancel(cancel)
+    unprivileged = os.geteuid() != 0
+    missing: set[str] = set()
+    if unprivileged:
+        missing = _prepare_unprivileged_staging(staging, plan)
     res = run_tool([*mkfs, "-d", str(staging), str(image), f"{fs_bytes // 1024}k"],
                    what="mke2fs -d DIR", timeout=3600, check=False)
     if res.returncode != 0:
@@ -584,6 +605,74 @@ def _build_dir(mkfs: list[str], image: Path, fs_bytes: int, work: Path, write_di
             raise PackagingError(f"the ext4 image ({_human(fs_bytes)}) is too small for this "
                                  f"image's content; mke2fs said:\n{tail(text)}")
         raise PackagingError(f"mke2fs -d {staging} failed (exit {res.returncode}):\n{tail(text)}")
+    _check_cancel(cancel)
+    if unprivileged:
+        _restore_unprivileged(image, plan, missing)
+
+
+def _prepare_unprivileged_staging(staging: Path, plan: FlatPlan) -> set[str]:
+    """Make the staged tree readable for ``mke2fs -d`` (mode 0000 files, 0500 dirs); return
+    the special files a non-root writer could not create. Modes are restored afterwards."""
+    from worker.cache.index import EntryKind
+
+    missing = set()
+    for planned in plan.entries:
+        if planned.link_to is None and planned.entry.kind in (
+                EntryKind.CHAR, EntryKind.BLOCK, EntryKind.FIFO) \
+                and not os.path.lexists(staging / planned.path):
+            missing.add(planned.path)
+    for dirpath, dirnames, filenames in os.walk(staging):
+        os.chmod(dirpath, (os.stat(dirpath).st_mode & 0o7777) | 0o700)
+        for name in filenames:
+            full = os.path.join(dirpath, name)
+            st = os.lstat(full)
+            if stat.S_ISREG(st.st_mode) and not st.st_mode & 0o400:
+                os.chmod(full, (st.st_mode & 0o7777) | 0o400)
+        for name in dirnames:
+            full = os.path.join(dirpath, name)
+            if not os.path.islink(full):
+                os.chmod(full, (os.lstat(full).st_mode & 0o7777) | 0o700)
+    return missing
+
+
+def _restore_unprivileged(image: Path, plan: FlatPlan, missing: set[str]) -> None:
+    """After a non-root ``mke2fs -d DIR``: set every inode's mode, owner and mtime, create the
+    device nodes the writer could not, relink their hardlinks, and set every xattr."""
+    from worker.cache.index import EntryKind
+
+    commands: list[str] = []
+    links: list[str] = []
+    counts: dict[str, int] = {}
+    with tempfile.TemporaryDirectory(prefix="rootfs-export-restore-") as tmp:
+        for planned in plan.entries:
+            if not debugfs_addressable(planned.path):
+                continue
+            target = "/" if planned.path == "." else "/" + planned.path
+            quoted = debugfs_quote(target)
+            if planned.link_to is not None:
+                if planned.link_to in missing:
+                    links.append(f"ln {debugfs_quote('/' + planned.link_to)} {quoted}")
+                    counts[planned.link_to] = counts.get(planned.link_to, 1) + 1
+                continue
+            e = planned.entry
+            if planned.path in missing:
+                # debugfs mknod takes a name in the current directory, not a path
+                parent, _, name = planned.path.rpartition("/")
+                spec = "p" if e.kind == EntryKind.FIFO else \
+                    f"{'c' if e.kind == EntryKind.CHAR else 'b'} {e.devmajor} {e.devminor}"
+                commands += [f"cd {debugfs_quote('/' + parent)}",
+                             f"mknod {debugfs_quote(name)} {spec}", "cd /"]
+            commands.extend(_metadata_commands(target, e))
+            for i, (name, value) in enumerate(e.xattrs):
+                vfile = os.path.join(tmp, f"{len(commands)}-{i}")
+                with open(vfile, "wb") as f:
+                    f.write(value)
+                commands.append(f"ea_set -f {vfile} {quoted} {debugfs_quote(name)}")
+        commands += links
+        commands += [f"sif {debugfs_quote('/' + owner)} links_count {n}"
+                     for owner, n in counts.items()]
+        if commands:
+            debugfs_script(image, commands, write=True)
 
 
 def _shrink(image: Path, free_target: int, alignment: int) -> int:

@@ -1,0 +1,104 @@
+"""The stream method needs no privileges; the others say clearly what they cannot do."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.package.helpers import debugfs, fsck
+
+ROOT = Path(__file__).resolve().parents[2]
+NOBODY = 65534
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0,
+                                reason="needs root to switch to an unprivileged user")
+
+
+@pytest.fixture
+def shared_tmp() -> Iterator[Path]:
+    """A directory the unprivileged user can reach (pytest's tmp_path is root-only)."""
+    path = Path(tempfile.mkdtemp(prefix="rootfs-export-rootless-"))
+    os.chmod(path, 0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def run_unprivileged(tmp_path: Path, method: str, *extra: str) -> dict[str, Any]:
+    work = tmp_path / "work"
+    work.mkdir()
+    os.chown(work, NOBODY, NOBODY)
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(work), "PYTHONPATH": str(ROOT),
+           "PYTHONDONTWRITEBYTECODE": "1", "TMPDIR": str(work)}
+    proc = subprocess.run(
+        ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+         sys.executable, "-m", "tests.package.unprivileged", str(work), method, *extra],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["euid"] == NOBODY
+    return report
+
+
+def _check_image(image: Path) -> None:
+    assert fsck(image).returncode == 0
+    st = debugfs(image, "stat /home/alice/notes")
+    assert "User:  1000   Group:  1000" in st and "Mode:  0600" in st
+    assert "Mode:  0700" in debugfs(image, "stat /home/alice")
+    shadow = debugfs(image, "stat /etc/shadow")
+    assert "Mode:  0000" in shadow and "User:     0   Group:     0" in shadow
+    su = debugfs(image, "stat /usr/bin/su")
+    assert "Mode:  04755" in su and "User:     0   Group:     0" in su
+    dev = debugfs(image, "stat /dev/sda")
+    assert "block special" in dev and "08:00" in dev and "Group:     6" in dev
+    assert "Mode:  0660" in dev
+    assert "character special" in debugfs(image, "stat /dev/null")
+    assert "security.capability" in debugfs(image, "ea_list /usr/bin/ping")
+    assert "mtime: 0x53724e00" in debugfs(image, "stat /etc")   # 1_400_000_000
+
+
+def test_stream_as_nobody_keeps_owners_modes_devices_and_caps(shared_tmp: Path) -> None:
+    report = run_unprivileged(shared_tmp, "auto")
+    assert report.get("error") is None, report
+    assert report["method"] == "stream" and report["warnings"] == []
+    _check_image(Path(report["output"]))
+    assert report["leftovers"] == []
+
+
+def test_mount_method_as_nobody_is_refused_clearly(shared_tmp: Path) -> None:
+    report = run_unprivileged(shared_tmp, "mount")
+    assert report["error"] == "PackagingError"
+    assert "needs root" in report["message"]
+    assert report["leftovers"] == []
+
+
+def test_dir_method_as_nobody_restores_owners_modes_devices_and_caps(shared_tmp: Path) -> None:
+    # mke2fs -d DIR as non-root copies the invoking user's ownership and cannot read mode-0000
+    # files; the dir method stages readable copies and restores everything with debugfs.
+    report = run_unprivileged(shared_tmp, "dir", "--strict")
+    assert report.get("error") is None, report
+    assert report["method"] == "dir" and report["warnings"] == []
+    _check_image(Path(report["output"]))
+    assert report["leftovers"] == []
+
+
+def test_dir_method_as_nobody_warns_or_refuses_what_it_cannot_restore(shared_tmp: Path) -> None:
+    # debugfs scripts are line-based: a name with a newline cannot have its owner restored.
+    report = run_unprivileged(shared_tmp, "dir", "--strict", "--newline")
+    assert report["error"] == "PackagingError"
+    assert "--strict" in report["message"] and "ownership" in report["message"]
+    assert report["leftovers"] == []
+    shutil.rmtree(shared_tmp / "work")
+    report = run_unprivileged(shared_tmp, "dir", "--newline")
+    assert report.get("error") is None, report
+    assert any("cannot address" in w for w in report["warnings"])
