@@ -346,3 +346,65 @@ def test_dir_method_failure_removes_staging(tmp_path: Path) -> None:
 def test_loop_skip_reason_is_only_missing_loop_devices() -> None:
     # Loop tests may skip only where the machine lacks loop devices (or root), saying so.
     assert LOOP_SKIP is None or "loop" in LOOP_SKIP
+
+
+# -- method choice, odd trees, progress ----------------------------------------------------------
+
+def test_auto_prefers_stream_and_avoids_it_when_it_cannot_reproduce(tmp_path: Path) -> None:
+    from worker.export import Ext4Method
+    from worker.package.ext4 import choose_method
+
+    plan, _ = make_plan(tmp_path, rich_layers())
+    assert choose_method(plan, Ext4Method.AUTO)[0] == Ext4Method.STREAM
+    # xattrs that only debugfs can add, on a name debugfs cannot address
+    odd, _ = make_plan(tmp_path / "odd", [[file("a\nb", "x", xattrs={"user.k": b"v"})]])
+    with pytest.raises(PackagingError, match="cannot reproduce"):
+        choose_method(odd, Ext4Method.STREAM)
+    if LOOP_SKIP is None:
+        assert choose_method(odd, Ext4Method.AUTO)[0] == Ext4Method.MOUNT
+
+
+@needs_loop
+def test_lost_found_from_the_image_is_merged(tmp_path: Path) -> None:
+    plan, locate = make_plan(tmp_path, [[directory("lost+found", mode=0o700, mtime=1_500_000_000),
+                                         file("lost+found/#12", "recovered"), file("a", "a")]])
+    listings = {}
+    for method in ("stream", "mount", "dir"):
+        out = tmp_path / f"{method}.ext4"
+        build(plan, locate, out, method=method)
+        assert fsck(out).returncode == 0, method
+        with mounted_ro(out, tmp_path / f"m-{method}") as mnt:
+            listings[method] = tree_listing(mnt, skip=())
+    assert listings["stream"]["lost+found/#12"][5] == hashlib.sha256(b"recovered").hexdigest()
+    assert listings["stream"] == listings["mount"] == listings["dir"]
+
+
+def test_lost_found_that_is_not_a_directory_is_refused(tmp_path: Path) -> None:
+    plan, locate = make_plan(tmp_path, [[file("lost+found", "hostile")]])
+    for method in ("stream", "dir"):
+        with pytest.raises(PackagingError, match="lost\\+found as a file"):
+            build(plan, locate, tmp_path / "x.ext4", method=method)
+    _no_partial(tmp_path, "x.ext4")
+
+
+def test_conflicting_or_impossible_requests(tmp_path: Path) -> None:
+    plan, locate = make_plan(tmp_path, [[file("a", "a")]])
+    with pytest.raises(ConfigError, match="--size and --shrink"):
+        build(plan, locate, tmp_path / "x.ext4", size=64 << 20, shrink=True)
+    with pytest.raises(ConfigError, match="stdout"):
+        build(plan, locate, Path("-"))
+    with pytest.raises(PackagingError, match="does not exist"):
+        build(plan, locate, tmp_path / "no-such-dir" / "x.ext4")
+
+
+def test_progress_reports_package_and_check_phases(tmp_path: Path) -> None:
+    from worker.progress import Phase, ProgressEvent
+
+    plan, locate = make_plan(tmp_path, [[file(f"f{i}", os.urandom(1 << 20)) for i in range(8)]])
+    events: list[ProgressEvent] = []
+    build(plan, locate, tmp_path / "p.ext4", progress=events.append)
+    phases = [e.phase for e in events]
+    assert Phase.PACKAGE in phases and Phase.CHECK in phases
+    assert phases.index(Phase.CHECK) > phases.index(Phase.PACKAGE)
+    last = [e for e in events if e.phase == Phase.PACKAGE][-1]
+    assert last.bytes_done == last.bytes_total == plan.data_bytes > 0
