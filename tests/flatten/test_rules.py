@@ -303,3 +303,29 @@ def test_plain_tar_layer_made_by_gnu_tar(both: Any, tmp_path: Path) -> None:
     ex = both("gnutar", Layer(tar, "gzip"), L(file("etc/motd", "hi")))
     assert ex.content("etc/hostname") == b"box\n"
     assert ex.result_tar["extra"]["passthrough_headers"] >= 1
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching to an unprivileged user needs root")
+def test_unprivileged_gnu_tar_fills_read_only_dirs(both: Any,
+                                                   request: pytest.FixtureRequest) -> None:
+    import shutil
+    import subprocess
+    import tempfile
+
+    ex = both("readonly-nobody",
+              L(directory("ro", mode=0o555, mtime=1_000_000_000), file("ro/a", "a"),
+                directory("ro/deeper", mode=0o500), file("ro/deeper/b", "b")),
+              L(file("ro/late", "late")))
+    work = Path(tempfile.mkdtemp(prefix="rootfs-export-gnutar-"))
+    request.addfinalizer(lambda: shutil.rmtree(work, ignore_errors=True))
+    os.chown(work, 65534, 65534)
+    shutil.copy(ex.tar, work / "t.tar")
+    os.chmod(work / "t.tar", 0o644)
+    p = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                        "tar", "-xf", str(work / "t.tar"), "-C", str(work)],
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert (work / "ro/late").read_text() == "late"
+    assert (work / "ro/deeper/b").read_text() == "b"
+    assert stat.S_IMODE(os.stat(work / "ro").st_mode) == 0o555
+    assert os.stat(work / "ro").st_mtime == 1_000_000_000

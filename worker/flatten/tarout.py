@@ -4,9 +4,13 @@ Order, chosen so that every consumer can extract it in one pass and each layer b
 once, front to back:
 
 1. every entry without data (directories, symlinks, devices, FIFOs, empty files), in tree
-   order: every directory, implied ones included, comes before its children;
+   order: every directory, implied ones included, comes before its children (directories
+   with u+rwx added here, so that an unprivileged extractor can fill read-only ones);
 2. regular files with data, layer by layer, in the order their bytes sit in the layer;
-3. hardlinks, whose targets all exist by then.
+3. hardlinks, whose targets all exist by then;
+4. every directory again, deepest first, with its exact metadata: extractors take a
+   directory's mode and mtime from its last entry, after its children were written (GNU tar
+   and ``mke2fs -d -`` both do).
 
 Headers are PAX with numeric ids only (no user/group names: ownership must not depend on the
 host's passwd), xattrs as ``SCHILY.xattr.*``, sparse files as GNU sparse 1.0 (holes stay holes).
@@ -54,6 +58,7 @@ class TarReport:
     bytes_written: int = 0
     data_bytes: int = 0
     passthrough: int = 0
+    dir_repeats: int = 0                 # directories written a second time, at the end
     layers_read: int = 0
     counts: dict[str, int] = field(default_factory=dict)
 
@@ -176,6 +181,15 @@ def header_for(pe: PlannedEntry) -> bytes:
     return _encode(_tarinfo(pe.path, e, kind), e.xattrs)
 
 
+def dir_header(pe: PlannedEntry, *, writable: bool = False) -> bytes:
+    """A directory's header; ``writable`` adds u+rwx (the first of its two entries)."""
+    e = pe.entry
+    ti = _tarinfo("./" if pe.path == "." else pe.path, e, EntryKind.DIR)
+    if writable:
+        ti.mode |= 0o700
+    return _encode(ti, e.xattrs)
+
+
 def _raw_ok(raw: bytes, pe: PlannedEntry) -> bool:
     """True if ``raw`` (the entry's original header) can be copied through unchanged."""
     if len(raw) != BLOCKSIZE or pe.entry.sparse is not None:
@@ -230,10 +244,12 @@ def write_tar(plan: FlatPlan, out: BinaryIO, locate: BlobLocator, *,
     prog = _Progress(plan, progress)
     prog.emit("writing directories and links", force=True)
 
+    dirs: list[PlannedEntry] = []
     for pe in plan.entries:
         if pe.link_to is None and not pe.has_data:
-            if pe.path == "." and pe.entry.kind == EntryKind.DIR:
-                w.write(_encode(_tarinfo("./", pe.entry, EntryKind.DIR), pe.entry.xattrs))
+            if pe.entry.kind == EntryKind.DIR:
+                dirs.append(pe)
+                w.write(dir_header(pe, writable=True))
             else:
                 w.write(header_for(pe))
             rep.entries += 1
@@ -281,6 +297,13 @@ def write_tar(plan: FlatPlan, out: BinaryIO, locate: BlobLocator, *,
         if pe.link_to is not None:
             w.write(header_for(pe))
             rep.entries += 1
+    # Directories again, deepest first, with their real mode: an extractor sets a directory's
+    # mode and mtime from its last entry (GNU tar when the archive leaves it, libarchive and
+    # mke2fs as it comes), so read-only directories receive their children and keep their
+    # mtimes.
+    for pe in reversed(dirs):
+        w.write(dir_header(pe))
+        rep.dir_repeats += 1
 
     w.write(b"\0" * (2 * BLOCKSIZE))
     w.write(b"\0" * (-w.written % RECORDSIZE))
