@@ -167,6 +167,9 @@ WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
 #: largest PAX / GNU long-name header we read into memory (a bomb could claim gigabytes)
 MAX_EXTENDED_HEADER = 1 << 20
+# tarfile's stream reader copies its whole buffer on every header read, so a big buffer is
+# quadratic-ish on layers with many small files; 16 KiB measured best (bench: ~2x vs 1 MiB).
+TAR_BUFSIZE = 1 << 14
 
 
 @dataclass(frozen=True, slots=True)
@@ -394,7 +397,7 @@ def index_tar_stream(chunks: Iterable[bytes], *, layer: str | None = None,
     end = 0
     try:
         tf = tarfile.open(  # type: ignore[call-overload]  # noqa: SIM115 - nothing to close
-            fileobj=reader, mode="r|", bufsize=1 << 20,
+            fileobj=reader, mode="r|", bufsize=TAR_BUFSIZE,
             tarinfo=_make_tarinfo_class(limits, layer),
             errors="surrogateescape", encoding="utf-8")
     except RootfsExportError:

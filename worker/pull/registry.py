@@ -244,7 +244,10 @@ class RegistryClient:
             if cancel is not None and cancel.is_set():
                 raise Canceled(f"{image}: {what}: canceled")
             url = urls[url_idx]
-            headers = {"Range": f"bytes={done}-"} if done else {}
+            # identity: a transfer-compressed body would not hash to the blob digest
+            headers = {"Accept-Encoding": "identity"}
+            if done:
+                headers["Range"] = f"bytes={done}-"
             auth = self.auth if url_idx == 0 else None
             resp = request_with_retries(self.session, "GET", url, settings=self.settings,
                                         what=what, image=image, cancel=cancel, auth=auth,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import email.utils
 import ipaddress
 import logging
+import os
 import random
 import threading
 import time
@@ -87,6 +88,12 @@ def make_session(settings: Settings) -> requests.Session:
     adapter = HTTPAdapter(pool_connections=pool, pool_maxsize=pool, max_retries=0)
     session.mount("https://", adapter)
     session.mount("http://", adapter)
+    # requests honours REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE itself (trust_env) but not
+    # OpenSSL's SSL_CERT_FILE / SSL_CERT_DIR, which people set for a private CA.
+    if not (os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")):
+        ca = os.environ.get("SSL_CERT_FILE") or os.environ.get("SSL_CERT_DIR")
+        if ca:
+            session.verify = ca
     return session
 
 
