@@ -31,6 +31,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -639,7 +640,27 @@ def _complete(path: Path) -> bool:
                for name in ("info.json", "manifest.json", "config.json", "listing.json"))
 
 
+def _chrooted_pids(path: Path) -> list[int]:
+    """Processes whose root is inside ``path``: chroot children of a build that was killed."""
+    real = os.path.realpath(path)
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            root = os.readlink(entry / "root")
+            if root == real or root.startswith(real + "/"):
+                pids.append(int(entry.name))
+    return pids
+
+
 def _remove_tree(path: Path) -> None:
+    for pid in _chrooted_pids(path):
+        log(f"stopping leftover build process {pid} chrooted in {path}")
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    if _chrooted_pids(path):
+        time.sleep(1)
     if _mounts_under(path):
         _unmount_all(path)
     shutil.rmtree(path, ignore_errors=True)
