@@ -237,3 +237,35 @@ def test_real_debian_image_pulls(debian_image: Any, settings: Any) -> None:
     paths = {e.path for e in indexes[0].entries}
     assert "etc/debian_version" in paths and "usr/bin/dpkg" in paths
     assert all(i.diff_id == d for i, d in zip(indexes, r.config.diff_ids, strict=True))
+
+
+def test_pull_shows_a_progress_bar_on_a_tty(registry: Any, tmp_path: Path) -> None:
+    import pty
+    import select
+
+    img = push_image(registry, "tty/app", "v1", layers_three())
+    exe = Path(sys.executable).parent / "rootfs-export"
+    env = dict(os.environ, ROOTFS_EXPORT_CACHE_DIR=str(tmp_path / "cache"), COLUMNS="120",
+               TERM="xterm")
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([str(exe), "pull", img.reference], stdout=subprocess.PIPE,
+                            stderr=slave, env=env, cwd=ROOT)
+    os.close(slave)
+    output = b""
+    while True:
+        ready, _, _ = select.select([master], [], [], 60)
+        if not ready:
+            break
+        try:
+            data = os.read(master, 65536)
+        except OSError:          # EIO: the child closed the terminal
+            break
+        if not data:
+            break
+        output += data
+    os.close(master)
+    assert proc.wait(timeout=60) == 0
+    text = output.decode("utf-8", "replace")
+    assert "3/3 layers" in text                 # the rich overall bar
+    assert "\x1b[" in text                      # drawn with terminal control sequences
+    assert len(BlobCache(tmp_path / "cache").entries()) == 3
