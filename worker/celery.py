@@ -8,7 +8,7 @@ loses no job: the message is delivered again and the (idempotent) task runs agai
 Queues:
 
 ``fetch``
-    resolve and layer-download tasks; any worker may consume it.
+    resolve, relaunch and layer-download tasks; any worker may consume it.
 ``package.<node>``
     the chord callback that flattens and packages, on the node owning the job's output.
 """
@@ -26,6 +26,7 @@ FETCH_QUEUE = "fetch"
 TASK_RESOLVE = "rootfs_export.resolve"
 TASK_FETCH = "rootfs_export.fetch_layer"
 TASK_PACKAGE = "rootfs_export.package"
+TASK_RELAUNCH = "rootfs_export.relaunch"
 
 #: Redis redelivers a message whose worker vanished entirely (not just a pool process) after
 #: this many seconds; the stale-job sweep usually recovers the job long before.
@@ -39,7 +40,7 @@ def package_queue(node: str) -> str:
 def route_task(name: str, args: Any, kwargs: Any, options: Any, task: Any = None,
                **_kw: Any) -> dict[str, str] | None:
     """Layer and resolve tasks to ``fetch``; the package callback to its node's queue."""
-    if name in (TASK_RESOLVE, TASK_FETCH):
+    if name in (TASK_RESOLVE, TASK_FETCH, TASK_RELAUNCH):
         return {"queue": FETCH_QUEUE}
     if name == TASK_PACKAGE and isinstance(kwargs, dict) and kwargs.get("node"):
         return {"queue": package_queue(str(kwargs["node"]))}

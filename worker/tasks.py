@@ -34,6 +34,7 @@ from worker.celery import (
     FETCH_QUEUE,
     TASK_FETCH,
     TASK_PACKAGE,
+    TASK_RELAUNCH,
     TASK_RESOLVE,
     app,
     package_queue,
@@ -140,7 +141,10 @@ def enqueue_resolve(job_id: str, image: str, platform: str | None) -> str:
     settings = get_settings()
     task_id = uuid.uuid4().hex
     store.set_resolve_task(settings.database_url, job_id, task_id)
-    resolve_task.apply_async(args=(job_id, image, platform), task_id=task_id, queue=FETCH_QUEUE)
+    # ignore_result: the job store has the outcome, and a sender outside a worker (the API)
+    # would otherwise subscribe to every task's result channel.
+    resolve_task.apply_async(args=(job_id, image, platform), task_id=task_id, queue=FETCH_QUEUE,
+                             ignore_result=True)
     return task_id
 
 
@@ -417,13 +421,20 @@ def _remove_output(out: Path) -> None:
             pass
 
 
+@app.task(name=TASK_RELAUNCH, bind=True)
+def relaunch_task(self: Task, build_id: str) -> dict[str, Any]:
+    """Send a build's chord again (after a worker vanished). Sent by the API's sweep, so that
+    chords are only ever built inside workers."""
+    return {"build": build_id, "tasks": len(launch_build(build_id))}
+
+
 def sweep(settings: Settings | None = None) -> store.SweepActions:
     """Recover jobs whose worker vanished: relaunch builds, resend resolve tasks."""
     settings = settings or get_settings()
     actions = store.sweep_stale(settings.database_url, settings.stale_job_seconds)
     for build_id in actions.launch:
         log.warning("relaunching build %s: a worker vanished", build_id)
-        launch_build(build_id)
+        relaunch_task.apply_async(args=(build_id,), queue=FETCH_QUEUE, ignore_result=True)
     for job_id, image, platform in actions.resolve:
         log.warning("resolving job %s again: a worker vanished", job_id)
         enqueue_resolve(job_id, image, platform)
@@ -431,4 +442,4 @@ def sweep(settings: Settings | None = None) -> store.SweepActions:
 
 
 __all__ = ["SUCCEEDED", "app", "enqueue_resolve", "export_request", "fetch_layer_task",
-           "launch_build", "output_path", "package_task", "resolve_task", "sweep"]
+           "launch_build", "output_path", "package_task", "relaunch_task", "resolve_task", "sweep"]

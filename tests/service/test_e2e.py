@@ -197,3 +197,59 @@ def test_job_for_node_b_is_packaged_on_b(stack: Stack, client: httpx.Client,
     out = Path(done["result"]["output"])
     assert out.parent == stack.output_dir("b") and out.suffix == ".tar"
     assert file_sha256(str(out)) == done["result"]["sha256"].removeprefix("sha256:")
+
+
+def _build_tasks(stack: Stack, build_id: str) -> list[dict[str, Any]]:
+    from api import store
+
+    return store.build_tasks(stack.database_url, build_id)
+
+
+@pytest.mark.slow
+def test_debian_image_progress_is_visible_mid_job(stack: Stack, client: httpx.Client,
+                                                  debian_image: Any) -> None:
+    job = stack.submit(client, debian_image.reference)
+    seen: list[dict[str, Any]] = []
+
+    def record(view: dict[str, Any]) -> None:
+        if view["status"] == "running" and view["progress"]:
+            seen.append(view["progress"])
+
+    done = stack.wait_job(client, job["id"], timeout=240, on_poll=record)
+    out = check_succeeded(stack, done)
+    assert done["result"]["config"] is not None
+    assert Path(out).stat().st_size > 100 << 20
+    # Snapshots taken while the job ran show it part-way, in more than one phase.
+    partial = [p for p in seen if p["bytes_total"] and 0 < p["bytes_done"] < p["bytes_total"]
+               or 0 < p["layers_done"] < p["layers_total"]]
+    assert partial, f"no mid-job progress among {len(seen)} snapshots"
+    phases = {p["phase"] for p in seen}
+    assert "download" in phases and phases & {"apply", "package"}, phases
+    assert done["progress"]["phase"] == "done"
+
+
+@pytest.mark.slow
+def test_cancel_stops_the_package_step_and_removes_partial_output(
+        stack: Stack, client: httpx.Client, debian_image: Any) -> None:
+    job = stack.submit(client, debian_image.reference, label="cancel-me")
+
+    def packaging() -> dict[str, Any] | None:
+        view = client.get(f"/v1/exports/{job['id']}").json()
+        assert view["status"] not in ("succeeded", "failed"), view
+        return view if view["phase"] in ("apply", "package") else None
+
+    view = wait_for(packaging, 240, "the package step to start", interval=0.05)
+    build_id = view["build_id"]
+    resp = client.delete(f"/v1/exports/{job['id']}")
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["status"] == "canceled"
+
+    def package_ended() -> bool:
+        rows = [r for r in _build_tasks(stack, build_id) if r["kind"] == "package"]
+        return bool(rows) and all(r["state"] != "started" for r in rows)
+
+    wait_for(package_ended, 60, "the package task to stop", on_timeout=stack.logs)
+    final = client.get(f"/v1/exports/{job['id']}").json()
+    assert final["status"] == "canceled" and final["result"] is None, final
+    leftovers = [p.name for p in stack.output_dir("a").iterdir() if build_id in p.name]
+    assert leftovers == [], leftovers
