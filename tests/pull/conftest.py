@@ -286,9 +286,15 @@ def fake_server_factory() -> Iterator[Any]:
     """``make(host="127.0.0.1") -> FakeServer`` running until the test ends."""
     servers: list[_Server] = []
 
-    def make(host: str = "127.0.0.1") -> FakeServer:
+    def make(host: str = "127.0.0.1", tls: tuple[str, str] | None = None) -> FakeServer:
+        """``tls=(certfile, keyfile)`` serves HTTPS."""
         state = FakeServer(host=host)
         server = _Server((host, 0), _make_handler(state))
+        if tls is not None:
+            import ssl
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.load_cert_chain(*tls)
+            server.socket = ctx.wrap_socket(server.socket, server_side=True)
         state.port = server.server_address[1]
         threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
                          daemon=True).start()

@@ -432,3 +432,30 @@ def test_media_type_lies_are_sniffed(fake_registry: FakeServer, fast: Any) -> No
     a, b = pull(img.reference, fast)
     assert (a.compression, a.media_type.endswith("gzip")) == ("zstd", True)
     assert (b.compression, b.media_type.endswith("gzip")) == ("none", True)
+
+
+# -- TLS ---------------------------------------------------------------------------------------
+def test_tls_private_ca_and_clear_tls_error(fake_server_factory: Any, fast: Any, tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    import subprocess
+
+    from worker.pull.transport import make_session, request_with_retries
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2",
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    server = fake_server_factory("127.0.0.1", tls=(str(cert), str(key)))
+    url = f"https://{server.netloc}/v2/"
+    for var in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "SSL_CERT_FILE", "SSL_CERT_DIR"):
+        monkeypatch.delenv(var, raising=False)
+    start = time.monotonic()
+    with pytest.raises(RegistryError) as info:
+        request_with_retries(make_session(fast), "GET", url, settings=fast, what="ping")
+    assert "TLS" in str(info.value) and "SSL_CERT_FILE" in str(info.value)
+    assert not info.value.transient
+    assert time.monotonic() - start < 5          # not retried with backoff
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+    resp = request_with_retries(make_session(fast), "GET", url, settings=fast, what="ping")
+    assert resp.status_code == 200

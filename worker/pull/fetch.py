@@ -23,7 +23,7 @@ from worker.cache.decompress import (
     sniff_compression,
 )
 from worker.cache.index import IndexEntry, IndexLimits, LayerIndex, index_tar_stream
-from worker.errors import Canceled, CorruptLayer, DigestMismatch, RootfsExportError
+from worker.errors import Canceled, CorruptLayer, DigestMismatch, LayerError, RootfsExportError
 from worker.progress import (
     LayerProgress,
     LayerState,
@@ -127,7 +127,11 @@ def fetch_layer_to_cache(client: RegistryClient, ref: Reference, desc: Descripto
 
             def network() -> Iterator[bytes]:
                 for chunk in client.stream_blob(ref, desc, cancel=cancel):
-                    f.write(chunk)
+                    try:
+                        f.write(chunk)
+                    except OSError as exc:
+                        raise LayerError(f"cannot write to the cache in {cache.root}: "
+                                         f"{exc.strerror or exc}", layer=desc.digest) from None
                     if on_bytes is not None:
                         on_bytes(len(chunk))
                     yield chunk
@@ -152,7 +156,12 @@ def fetch_layer_to_cache(client: RegistryClient, ref: Reference, desc: Descripto
                          desc.media_type, compression)
             index = _make_index(desc, tar.diff_id, compression, tar.uncompressed_size,
                                 tar.entries)
-            cache.commit(desc.digest, tmp, index)
+            try:
+                cache.commit(desc.digest, tmp, index)
+            except OSError as exc:
+                cache.delete(desc.digest)
+                raise LayerError(f"cannot store the layer in the cache in {cache.root}: "
+                                 f"{exc.strerror or exc}", layer=desc.digest) from None
         return index, False
 
 

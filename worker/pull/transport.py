@@ -97,6 +97,15 @@ def make_session(settings: Settings) -> requests.Session:
     return session
 
 
+def _short(exc: BaseException) -> str:
+    """The innermost reason of a requests/urllib3 error, without URLs (they may be signed)."""
+    reason: BaseException | None = exc
+    while reason is not None and (reason.__context__ or reason.__cause__) is not None:
+        reason = reason.__cause__ or reason.__context__
+    text = str(reason or exc)
+    return text.split("(Caused by")[0].strip()[:200] or type(exc).__name__
+
+
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
     """Seconds to wait from a ``Retry-After`` header (delta-seconds or HTTP date)."""
     if not value:
@@ -153,12 +162,23 @@ def request_with_retries(session: requests.Session, method: str, url: str, *,
         retry_after: float | None = None
         try:
             resp = session.request(method, url, **kwargs)
+        except requests.exceptions.SSLError as exc:
+            # Not transient: retrying will not make the certificate valid.
+            raise RegistryError(f"{what}: TLS connection to {redact_url(url)} failed "
+                                f"({_short(exc)}); for a private CA set REQUESTS_CA_BUNDLE or "
+                                "SSL_CERT_FILE, for a plain-HTTP registry use "
+                                "--insecure-registry", image=image,
+                                url=redact_url(url)) from None
         except NETWORK_ERRORS as exc:
             if attempt >= settings.retries:
                 raise RegistryError(f"{what}: connection to {redact_url(url)} failed after "
                                     f"{attempt + 1} attempts: {type(exc).__name__}",
                                     image=image, url=redact_url(url), transient=True) from None
             log.info("%s: %s on %s, retrying", what, type(exc).__name__, redact_url(url))
+        except requests.RequestException as exc:
+            raise RegistryError(f"{what}: request to {redact_url(url)} failed: "
+                                f"{type(exc).__name__}", image=image,
+                                url=redact_url(url)) from None
         else:
             if resp.status_code not in RETRY_STATUS:
                 return resp
