@@ -1,0 +1,128 @@
+"""The writers and the layer reader on a local blob cache (no registry): the entry points the
+ext4 packaging uses, and what they do when the disk or the cache misbehaves."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import tarfile
+import threading
+from pathlib import Path
+
+import pytest
+
+from tests.flatten.local import cache_layers, local_plan
+from tests.flatten.support import dir_listing, tar_listing
+from tests.support.imagebuilder import Layer, directory, file, hardlink, symlink
+from worker.errors import Canceled, CorruptLayer, PackagingError, UnsafeLayerEntry
+from worker.flatten.dirout import apply_plan, write_dir
+from worker.flatten.plan import plan_layers
+from worker.flatten.reader import LayerStream, cache_blob_path
+from worker.flatten.tarout import write_tar, write_tar_file
+
+
+def _layers() -> list[Layer]:
+    return [Layer.from_entries([directory(".", mode=0o711, uid=7, mtime=1234),
+                                file("etc/a", "a" * 5000), symlink("lib", "usr/lib"),
+                                file("usr/lib/x", "x")]),
+            Layer.from_entries([file("lib/y", "y"), hardlink("h", "etc/a"),
+                                directory("lost+found", mode=0o700)], compression="zstd")]
+
+
+def test_apply_into_a_fresh_mount_point(tmp_path: Path) -> None:
+    plan, locate = local_plan(tmp_path / "cache", _layers())
+    mnt = tmp_path / "mnt"
+    (mnt / "lost+found").mkdir(parents=True)
+    report = apply_plan(plan, mnt, locate)
+    assert report.warnings == [] and report.layers_read == 2
+    st = os.stat(mnt)
+    assert (st.st_mode & 0o7777, st.st_uid, st.st_mtime) == (0o711, 7, 1234)
+    assert (mnt / "usr/lib/y").read_text() == "y" and os.path.islink(mnt / "lib")
+    assert os.stat(mnt / "h").st_ino == os.stat(mnt / "etc/a").st_ino
+
+
+def test_dir_and_tar_writers_agree_and_call_layer_done(tmp_path: Path) -> None:
+    plan, locate = local_plan(tmp_path / "cache", _layers())
+    done_dir: list[int] = []
+    done_tar: list[int] = []
+    write_dir(plan, tmp_path / "d", locate, on_layer_done=done_dir.append)
+    rep, sha = write_tar_file(plan, tmp_path / "t.tar", locate, on_layer_done=done_tar.append)
+    assert done_dir == done_tar == [0, 1]
+    assert dir_listing(tmp_path / "d")[0] == tar_listing(tmp_path / "t.tar")[0]
+    assert len(sha) == 64 and rep.bytes_written == (tmp_path / "t.tar").stat().st_size
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "d", "t.tar"]
+
+
+def test_planted_symlink_in_target_is_never_followed(tmp_path: Path) -> None:
+    plan, locate = local_plan(tmp_path / "cache", _layers())
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / "etc").symlink_to(outside)     # something else raced a symlink in
+    with pytest.raises((PackagingError, UnsafeLayerEntry)):
+        apply_plan(plan, target, locate)
+    assert list(outside.iterdir()) == []
+
+
+def test_failure_removes_partial_outputs(tmp_path: Path) -> None:
+    idx, locate = cache_layers(tmp_path / "cache", _layers())
+    plan = plan_layers(idx)
+    cache_blob_path(tmp_path / "cache", idx[1].digest).write_bytes(b"")  # blob lost its bytes
+    with pytest.raises(CorruptLayer):
+        write_dir(plan, tmp_path / "d", locate)
+    with pytest.raises(CorruptLayer):
+        write_tar_file(plan, tmp_path / "t.tar", locate)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]
+
+
+def test_cancel_between_layers(tmp_path: Path) -> None:
+    plan, locate = local_plan(tmp_path / "cache", _layers())
+    cancel = threading.Event()
+    with pytest.raises(Canceled):
+        write_dir(plan, tmp_path / "d", locate, cancel=cancel,
+                  on_layer_done=lambda i: cancel.set())
+    with pytest.raises(Canceled):
+        write_tar_file(plan, tmp_path / "t.tar", locate, cancel=cancel)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]
+
+
+def test_write_tar_to_a_pipe_like_stream(tmp_path: Path) -> None:
+    plan, locate = local_plan(tmp_path / "cache", _layers())
+    r, w = os.pipe()
+    chunks: list[bytes] = []
+
+    def drain() -> None:
+        with os.fdopen(r, "rb") as f:
+            chunks.extend(iter(lambda: f.read(65536), b""))
+
+    t = threading.Thread(target=drain)
+    t.start()
+    with os.fdopen(w, "wb") as out:
+        write_tar(plan, out, locate)
+    t.join()
+    with tarfile.open(fileobj=io.BytesIO(b"".join(chunks))) as tf:
+        names = tf.getnames()
+    assert "usr/lib/y" in names and names[0] == "."   # tarfile shows "./" as "."
+
+
+def test_layer_stream_reads_by_offset_and_reports_truncation(tmp_path: Path) -> None:
+    data = os.urandom(5_000_000)                 # several decompressed chunks
+    blob = tmp_path / "blob"
+    blob.write_bytes(gzip.compress(data))
+    s = LayerStream(blob, "gzip", layer="sha256:x")
+    s.skip_to(1000)
+    assert s.read_bytes(10) == data[1000:1010]
+    s.skip_to(3_000_000)
+    assert b"".join(bytes(p) for p in s.read(2_000_000)) == data[3_000_000:5_000_000]
+    with pytest.raises(CorruptLayer, match="overlap"):
+        s.skip_to(10)
+    s.close()
+    blob.write_bytes(gzip.compress(data)[:50_000])
+    s = LayerStream(blob, "gzip", layer="sha256:x")
+    with pytest.raises(CorruptLayer, match="truncated|ends at"):
+        s.skip_to(4_000_000)
+    s = LayerStream(tmp_path / "nope", "gzip", layer="sha256:x")
+    with pytest.raises(CorruptLayer, match="missing"):
+        s.read_bytes(1)
