@@ -68,6 +68,7 @@ class FakeServer:
     challenge_on_storage: bool = False                    # /blob/ answers 401 + Basic challenge
     slow_blobs: dict[str, float] = field(default_factory=dict)  # digest -> seconds per 4 KiB
     tokens: dict[str, str] = field(default_factory=dict)  # token -> scope
+    identity_token: str | None = None                     # accepted refresh token (POST /token)
     token_requests: list[dict[str, str]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -148,6 +149,22 @@ def _make_handler(state: FakeServer) -> type[BaseHTTPRequestHandler]:
 
         def do_HEAD(self) -> None:
             self.do_GET()
+
+        def do_POST(self) -> None:
+            # OAuth2 refresh-token grant (identity tokens from ``docker login``)
+            length = int(self.headers.get("Content-Length") or 0)
+            form = dict(urllib.parse.parse_qsl(self.rfile.read(length).decode()))
+            with state.lock:
+                state.seen.append(Seen("POST", self.path, dict(self.headers.items())))
+                state.token_requests.append(dict(form, method="POST"))
+            if urllib.parse.urlsplit(self.path).path != "/token" or \
+                    form.get("grant_type") != "refresh_token" or \
+                    form.get("refresh_token") != state.identity_token:
+                return self._error(401, "UNAUTHORIZED", "bad refresh token")
+            token = secrets.token_hex(8)
+            with state.lock:
+                state.tokens[token] = form.get("scope", "")
+            self._send(200, json.dumps({"access_token": token, "expires_in": 300}).encode())
 
         def do_GET(self) -> None:
             path = urllib.parse.urlsplit(self.path).path

@@ -459,3 +459,44 @@ def test_tls_private_ca_and_clear_tls_error(fake_server_factory: Any, fast: Any,
     monkeypatch.setenv("SSL_CERT_FILE", str(cert))
     resp = request_with_retries(make_session(fast), "GET", url, settings=fast, what="ping")
     assert resp.status_code == 200
+
+
+def test_identity_token_refresh_grant(fake_registry: FakeServer, fast: Any) -> None:
+    fake_registry.bearer = True
+    fake_registry.identity_token = "refresh-" + PASSWORD
+    img = fake_registry.add_image("app", "v1", [gz_layer(1, 100)])
+    creds = Credentials("", identity_token="refresh-" + PASSWORD)
+    (index,) = pull(img.reference, fast, credentials=creds)
+    assert index.digest == img.layer_digests[0]
+    posts = [t for t in fake_registry.token_requests if t.get("method") == "POST"]
+    assert posts and posts[0]["scope"] == "repository:app:pull"
+    assert posts[0]["service"] == "fake-registry"
+    with pytest.raises(AuthenticationError) as info:
+        resolve(img.reference, None, fast, credentials=Credentials("", identity_token="stale"))
+    assert "stale" not in str(info.value)
+
+
+def test_two_processes_download_a_blob_once(fake_registry: FakeServer, fast: Any) -> None:
+    import subprocess
+    import sys
+    import textwrap
+
+    root = Path(__file__).resolve().parents[2]
+    layer = gz_layer(4, 300_000, 21)
+    img = fake_registry.add_image("app", "v1", [layer])
+    fake_registry.slow_blobs[img.layer_digests[0]] = 0.003   # ~1 s: the two overlap
+    code = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(root)!r})
+        from worker.settings import load_settings
+        from worker.export import resolve, fetch_layer
+        s = load_settings(cache_dir={str(fast.cache_dir)!r})
+        r = resolve({img.reference!r}, None, s)
+        print(fetch_layer(r, 0, s).diff_id)
+    """)
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=120)[0].strip() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0]
+    assert outs == [layer.diff_id, layer.diff_id]
+    assert len(fake_registry.requests_to(f"/blobs/{img.layer_digests[0]}")) == 1
