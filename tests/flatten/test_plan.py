@@ -177,3 +177,29 @@ def test_deterministic_order_parents_first_bytes_sorted() -> None:
         parent = pe.path.rpartition("/")[0] or "."
         assert pe.path == "." or parent in seen
         seen.add(pe.path)
+
+
+def test_hardlink_to_symlink_and_device_share_the_inode() -> None:
+    p = plan([E("s", K.SYMLINK, linkname="/etc"), E("dev/null", K.CHAR, devmajor=1, devminor=3)],
+             [E("s2", K.HARDLINK, linkname="s"), E("dev/null2", K.HARDLINK, linkname="dev/null")])
+    t = tree(p)
+    assert t["s2"].link_to == "s" and t["dev/null2"].link_to == "dev/null"
+
+
+def test_hardlink_through_symlinked_parent_resolves_inside_root() -> None:
+    p = plan([E("usr/bin/python3", size=1, data_size=1), E("bin", K.SYMLINK, linkname="/usr/bin")],
+             [E("py", K.HARDLINK, linkname="bin/python3")])
+    assert tree(p)["py"].link_to == "usr/bin/python3"
+
+
+def test_whiteout_and_opaque_together_in_one_layer() -> None:
+    p = plan([E("a/x"), E("a/y"), E("b/z")],
+             [E("a", K.OPAQUE), E("a/new"), E("b/z", K.WHITEOUT), E("b/w")])
+    assert set(tree(p)) == {".", "a", "a/new", "b", "b/w"}
+
+
+def test_root_entry_sets_root_metadata_and_cannot_be_a_file() -> None:
+    p = plan([E(".", K.DIR, mode=0o700, uid=5)])
+    assert tree(p)["."].entry.mode == 0o700 and not tree(p)["."].implied
+    with pytest.raises(UnsafeLayerEntry):
+        plan([E(".", K.FILE)])

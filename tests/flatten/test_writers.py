@@ -126,3 +126,29 @@ def test_layer_stream_reads_by_offset_and_reports_truncation(tmp_path: Path) -> 
     s = LayerStream(tmp_path / "nope", "gzip", layer="sha256:x")
     with pytest.raises(CorruptLayer, match="missing"):
         s.read_bytes(1)
+
+
+def test_deleted_content_is_never_read(tmp_path: Path) -> None:
+    """A layer whose every file a later layer deletes or replaces is not even opened, and a
+    layer is read only up to the last byte the plan needs from it."""
+    from tests.support.imagebuilder import whiteout
+
+    cache = tmp_path / "cache"
+    layers = [Layer.from_entries([file("cache/big.deb", os.urandom(1 << 20)),
+                                  file("etc/conf", "old")]),
+              Layer.from_entries([file("keep", "k"), file("tail/junk", os.urandom(1 << 20))],
+                                 compression="none"),
+              Layer.from_entries([whiteout("cache"), file("etc/conf", "new"),
+                                  whiteout("tail")])]
+    idx, locate = cache_layers(cache, layers)
+    plan = plan_layers(idx)
+    # layer 1: nothing survives -> its blob may vanish; layer 2: cut right after "keep"
+    cache_blob_path(cache, idx[0].digest).unlink()
+    keep = next(e for e in idx[1].entries if e.path == "keep")
+    blob = cache_blob_path(cache, idx[1].digest)
+    blob.write_bytes(blob.read_bytes()[:keep.data_offset + 512])
+    write_dir(plan, tmp_path / "d", locate)
+    write_tar_file(plan, tmp_path / "t.tar", locate)
+    assert (tmp_path / "d/etc/conf").read_text() == "new"
+    assert dir_listing(tmp_path / "d")[0] == tar_listing(tmp_path / "t.tar")[0]
+    assert plan.data_bytes == 1 + 3
