@@ -176,6 +176,11 @@ class _RichProgress:
 
     def __call__(self, ev: ProgressEvent) -> None:
         with self.lock:
+            if ev.phase == Phase.DONE:
+                total = self.progress.tasks[0].total
+                self.progress.update(self.task, completed=total or 0, phase="done",
+                                     msg=ev.message[:60])
+                return
             msg = ev.message
             if ev.layers_total:
                 msg = f"layers {ev.layers_done}/{ev.layers_total} {msg}".strip()
