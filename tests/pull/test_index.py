@@ -246,3 +246,22 @@ def test_index_storage_round_trip_and_corruption() -> None:
         load_index(data[:-5])
     with pytest.raises(CorruptLayer):
         load_index(b"garbage")
+
+
+def test_zstd_bomb_fails_fast_with_bounded_overshoot() -> None:
+    import zstandard
+
+    ti = tarfile.TarInfo("bomb")
+    ti.size = 1 << 40
+    c = zstandard.ZstdCompressor(level=19).compressobj()
+    zeros = b"\0" * (64 << 20)
+    parts = [c.compress(ti.tobuf(format=tarfile.GNU_FORMAT))]
+    parts += [c.compress(zeros) for _ in range(32)]          # 2 GiB of zeros ...
+    blob = b"".join(parts) + c.flush()
+    assert len(blob) < 1 << 20                               # ... in well under 1 MiB
+    limit = 64 << 20
+    with pytest.raises(LimitExceeded) as info:
+        index_tar_stream(decompress_stream(chunks(blob, 1 << 20), layer=LAYER), layer=LAYER,
+                         limits=IndexLimits(max_uncompressed_bytes=limit))
+    # one decompression step adds at most ~32 MiB past the limit: nothing big is buffered
+    assert info.value.value <= limit + (40 << 20)

@@ -41,9 +41,9 @@ from worker.settings import Settings
 log = logging.getLogger(__name__)
 
 # Compressed bytes handed to the decompressor at once. Deflate expands at most ~1032:1 and a
-# zstd RLE block ~32768:1, so these bound one step's output to ~64-128 MiB even for a bomb,
+# zstd RLE block ~32768:1, so these bound one step's output to ~32-64 MiB even for a bomb,
 # and the size limit is checked after every step.
-_FEED_STEP = {"gzip": 64 << 10, "zstd": 4 << 10}
+_FEED_STEP = {"gzip": 64 << 10, "zstd": 1 << 10}
 #: minimum seconds between byte-count progress events (state changes always go out)
 PROGRESS_INTERVAL = 0.1
 
