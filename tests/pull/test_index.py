@@ -27,6 +27,7 @@ from worker.cache.index import (
     EntryKind,
     IndexLimits,
     LayerIndex,
+    TarIndex,
     dump_index,
     index_tar_stream,
     load_index,
@@ -42,7 +43,7 @@ def chunks(data: bytes, size: int = 777) -> list[bytes]:
     return [data[i:i + size] for i in range(0, len(data), size)]
 
 
-def index(data: bytes, size: int = 777, **limits: int):  # type: ignore[no-untyped-def]
+def index(data: bytes, size: int = 777, **limits: int) -> TarIndex:
     return index_tar_stream(chunks(data, size), layer=LAYER, limits=IndexLimits(**limits))
 
 

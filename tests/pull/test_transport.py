@@ -93,7 +93,7 @@ def test_parse_size() -> None:
 
 
 def ns(**kw: Any) -> argparse.Namespace:
-    base = {"image": "reg.example:5000/app:1", "username": None, "password_stdin": False,
+    base: dict[str, Any] = {"image": "reg.example:5000/app:1", "username": None, "password_stdin": False,
             "insecure_registry": [], "cache_dir": None, "platform": None}
     base.update(kw)
     return argparse.Namespace(**base)
