@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TextIO
 
+from worker.commands.common import (
+    credentials_from_args,
+    human_size,
+    parse_size,
+    settings_from_args,
+)
 from worker.errors import ConfigError
 from worker.export import (
     AddSpec,
@@ -22,44 +27,6 @@ from worker.export import (
     export,
 )
 from worker.progress import Phase, ProgressCallback, ProgressEvent
-from worker.settings import Settings, load_settings
-
-_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-
-
-def parse_size(text: str, *, option: str) -> int:
-    """``512M``, ``2G``, ``1.5G``, ``4096`` (bytes) -> bytes; ConfigError naming the option."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", text, re.IGNORECASE)
-    if not m:
-        raise ConfigError(f"{option}: {text!r} is not a size (examples: 4096, 512M, 2G)")
-    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
-
-
-def _settings(args: argparse.Namespace) -> Settings:
-    try:
-        from worker.commands.common import settings_from_args
-    except ImportError:
-        overrides: dict[str, Any] = {}
-        if getattr(args, "cache_dir", None):
-            overrides["cache_dir"] = Path(args.cache_dir)
-        if getattr(args, "insecure_registry", None):
-            overrides["insecure_registries"] = list(args.insecure_registry)
-        if getattr(args, "concurrency", None):
-            overrides["download_concurrency"] = args.concurrency
-        return load_settings(**overrides)
-    return settings_from_args(args)
-
-
-def _credentials(args: argparse.Namespace) -> Any:
-    try:
-        from worker.commands.common import credentials_from_args
-    except ImportError:
-        if not getattr(args, "username", None):
-            return None
-        from worker.pull.credentials import Credentials
-        password = sys.stdin.readline().rstrip("\n") if args.password_stdin else ""
-        return Credentials(args.username, password)
-    return credentials_from_args(args)
 
 
 def _headroom(text: str | None) -> tuple[float | None, int | None]:
@@ -113,14 +80,6 @@ def request_from_args(args: argparse.Namespace) -> ExportRequest:
                          low_disk=args.low_disk, sidecar=not args.no_sidecar)
 
 
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"  # pragma: no cover
-
-
 class _PlainProgress:
     """One line per phase change, per layer finished and at most every 2 s otherwise."""
 
@@ -142,7 +101,7 @@ class _PlainProgress:
             if ev.layers_total:
                 parts.append(f"layers {ev.layers_done}/{ev.layers_total}")
             if ev.bytes_total:
-                parts.append(f"{_human(ev.bytes_done)}/{_human(ev.bytes_total)}")
+                parts.append(f"{human_size(ev.bytes_done)}/{human_size(ev.bytes_total)}")
             if ev.message:
                 parts.append(ev.message)
             print("rootfs-export: " + ": ".join(parts), file=self.stream, flush=True)
@@ -190,7 +149,7 @@ class _RichProgress:
 
 def _summary(result: ExportResult) -> str:
     c = result.counts
-    line = (f"wrote {result.output} ({result.format}, {_human(result.output_size)}, "
+    line = (f"wrote {result.output} ({result.format}, {human_size(result.output_size)}, "
             f"{c.get('entries', 0)} entries: {c.get('file', 0)} files, {c.get('dir', 0)} "
             f"directories, {c.get('symlink', 0)} symlinks, {c.get('hardlink', 0)} hardlinks)")
     if result.sha256:
@@ -201,8 +160,8 @@ def _summary(result: ExportResult) -> str:
 def cmd_export(args: argparse.Namespace) -> int:
     """Run the export; ``--json`` prints the result object on stdout, else a summary."""
     request = request_from_args(args)
-    settings = _settings(args)
-    credentials = _credentials(args)
+    settings = settings_from_args(args)
+    credentials = credentials_from_args(args)
     tty = sys.stderr.isatty()
     bar: _RichProgress | None = _RichProgress() if tty else None
     callback: ProgressCallback = bar if bar is not None else _PlainProgress(sys.stderr)
