@@ -219,3 +219,21 @@ def test_unprivileged_dir_export_warns_with_counts(registry: Any,
     root = work / "root"
     assert (root / "owned").read_text() == "x" and (root / "mine").read_text() == "y"
     assert not (root / "dev/null").exists() and (root / "run/fifo").exists()
+
+
+def test_export_from_a_registry_needing_credentials(auth_registry: Any, tmp_path: Path) -> None:
+    img = push_image(auth_registry, "export/private", "v1",
+                     [Layer.from_entries([file("secret", "s3cret")])])
+    exe = str(Path(sys.executable).parent / "rootfs-export")
+    base = [exe, "export", img.reference, "--format", "dir", "--cache-dir",
+            str(tmp_path / "cache")]
+    p = subprocess.run([*base, "-o", str(tmp_path / "anon")], capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode != 0 and not (tmp_path / "anon").exists()
+    p = subprocess.run([*base, "-o", str(tmp_path / "root"), "--username",
+                        auth_registry.username, "--password-stdin"],
+                       input=auth_registry.password + "\n", capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert (tmp_path / "root/secret").read_text() == "s3cret"
+    assert auth_registry.password not in p.stderr + p.stdout
