@@ -33,7 +33,7 @@ from worker.cache.index import (
     load_index,
     normalize_path,
 )
-from worker.errors import CorruptLayer, LimitExceeded, UnsafeLayerEntry
+from worker.errors import CorruptLayer, LayerError, LimitExceeded, UnsafeLayerEntry
 from worker.pull.fetch import decompress_stream
 
 LAYER = "sha256:" + "1" * 64
@@ -161,6 +161,8 @@ def test_paths_normalised_and_escapes_rejected() -> None:
         index(make_tar([hardlink("a", "../../etc/shadow")]))
     with pytest.raises(UnsafeLayerEntry, match="whiteout"):
         index(make_tar([TarEntry("a/.wh...", "file")]))
+    with pytest.raises(LayerError, match="empty target"):
+        index(make_tar([symlink("a", "")]))
 
 
 def test_nul_in_pax_name_rejected() -> None:

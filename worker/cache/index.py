@@ -357,6 +357,9 @@ def _entry(ti: tarfile.TarInfo, limits: IndexLimits, layer: str | None) -> Index
         if "\0" in ti.linkname:
             raise UnsafeLayerEntry("symlink target contains a NUL byte", layer=layer,
                                    path=raw_name)
+        if not ti.linkname:
+            raise LayerError("symlink with an empty target (no filesystem can hold it)",
+                             layer=layer, path=raw_name)
         linkname = ti.linkname
     elif kind is EntryKind.HARDLINK:
         linkname = normalize_path(ti.linkname, layer=layer, what="hardlink target")
