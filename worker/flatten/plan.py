@@ -147,7 +147,10 @@ def _implied_dir(path: str) -> IndexEntry:
 def _split(path: str) -> list[str]:
     if path in (".", ""):
         return []
-    return [c for c in path.split("/") if c and c != "."]
+    comps = path.split("/")
+    if "" in comps or "." in comps:
+        comps = [c for c in comps if c and c != "."]
+    return comps
 
 
 class _Planner:
@@ -163,21 +166,26 @@ class _Planner:
         return UnsafeLayerEntry(why, layer=self._digest(layer), path=path)
 
     # -- path resolution -------------------------------------------------------------------------
+    def _check_path(self, layer: int, path: str, comps: list[str]) -> None:
+        if ".." in comps or "\0" in path:
+            raise self.unsafe(layer, path, "path component '..' or NUL in an entry name")
+
     def _check_component(self, layer: int, path: str, comp: str) -> None:
         if comp == ".." or "\0" in comp:
             # The index resolves ``..`` lexically and rejects climbing names; one left here is
             # a bug upstream or a hand-made index: never let it walk.
             raise self.unsafe(layer, path, "path component '..' or NUL in an entry name")
 
-    def resolve_parent(self, layer: int, path: str, *, create: bool
-                       ) -> tuple[list[str], _Node | None]:
+    def resolve_parent(self, layer: int, path: str, *, create: bool,
+                       comps: list[str] | None = None) -> _Node | None:
         """Walk to the directory that will hold ``path``'s last component.
 
-        Returns (canonical components of that directory, its node). Symlinks met on the way are
+        Returns that directory's node. Symlinks met on the way are
         followed inside the root. Missing directories (or files in the way) are replaced by
         implied ones when ``create``; otherwise the node is None.
         """
-        comps = _split(path)
+        if comps is None:
+            comps = _split(path)
         if not comps:
             raise self.unsafe(layer, path, "entry names the root but is not a directory")
         pending = comps[:-1]
@@ -202,7 +210,7 @@ class _Planner:
             child = node.children.get(comp)
             if child is None:
                 if not create:
-                    return [], None
+                    return None
                 child = _Node(layer, _implied_dir(_join([c for c, _ in stack] + [comp])),
                               implied=True)
                 node.children[comp] = child
@@ -220,7 +228,7 @@ class _Planner:
                     pending.extend(reversed(tcomps))
                     continue
                 if not create:
-                    return [], None
+                    return None
                 # A file or device where this layer needs a directory: the later layer wins.
                 child = _Node(layer, _implied_dir(_join([c for c, _ in stack] + [comp])),
                               implied=True)
@@ -228,17 +236,17 @@ class _Planner:
                 node.children[comp] = child
             stack.append((comp, child))
             node = child
-        return [c for c, _ in stack], node
+        return node
 
-    def lookup(self, layer: int, path: str) -> tuple[list[str], _Node | None, str]:
-        """Resolve ``path`` (parents followed, last component not): (parent comps, node, name)."""
+    def lookup(self, layer: int, path: str) -> _Node | None:
+        """Resolve ``path`` (parents followed, last component not) to its node, if any."""
         comps = _split(path)
         if not comps:
-            return [], self.root, "."
-        parent_comps, parent = self.resolve_parent(layer, path, create=False)
+            return self.root
+        parent = self.resolve_parent(layer, path, create=False, comps=comps)
         if parent is None or parent.children is None:
-            return [], None, comps[-1]
-        return parent_comps, parent.children.get(comps[-1]), comps[-1]
+            return None
+        return parent.children.get(comps[-1])
 
     # -- applying one layer --------------------------------------------------------------------
     def _walk_nofollow(self, comps: list[str]) -> _Node | None:
@@ -282,19 +290,18 @@ class _Planner:
         for e in entries:
             if e.kind in (EntryKind.OPAQUE, EntryKind.WHITEOUT):
                 continue
-            for c in _split(e.path):
-                self._check_component(layer, e.path, c)
-            self.apply_entry(layer, e)
+            comps = _split(e.path)
+            self._check_path(layer, e.path, comps)
+            self.apply_entry(layer, e, comps)
 
-    def apply_entry(self, layer: int, e: IndexEntry) -> None:
-        comps = _split(e.path)
+    def apply_entry(self, layer: int, e: IndexEntry, comps: list[str]) -> None:
         if not comps:
             if e.kind != EntryKind.DIR:
                 raise self.unsafe(layer, e.path, f"the root directory cannot be a {e.kind}")
             self.root.entry, self.root.layer, self.root.implied = e, layer, False
             return
         name = comps[-1]
-        parent_comps, parent = self.resolve_parent(layer, e.path, create=True)
+        parent = self.resolve_parent(layer, e.path, create=True, comps=comps)
         assert parent is not None and parent.children is not None
         existing = parent.children.get(name)
         if e.kind == EntryKind.DIR:
@@ -317,7 +324,7 @@ class _Planner:
         target = e.linkname
         for c in _split(target):
             self._check_component(layer, e.path, c)
-        _, node, _ = self.lookup(layer, target)
+        node = self.lookup(layer, target)
         if node is None:
             raise LayerError(f"hardlink target {target!r} does not exist (in this layer before "
                              "the link, or in a lower layer)", layer=self._digest(layer),
@@ -419,7 +426,7 @@ def plan_layers(layers: Sequence[LayerIndex], *, max_path_length: int | None = N
                     symlink_bytes += len(os.fsencode(ino.entry.linkname))
             else:
                 pe = PlannedEntry(path, node.layer, node.entry, link_to=owner)
-        if pe.link_to is None:
+        if pe.link_to is None and pe.entry.xattrs:
             xattr_bytes += sum(len(k) + len(v) for k, v in pe.entry.xattrs)
         kind = str(pe.kind)
         counts[kind] = counts.get(kind, 0) + 1
