@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -30,9 +31,9 @@ def postgres_ready() -> None:
     assert out.returncode == 0, f"scripts/ensure-postgres failed:\n{out.stdout}{out.stderr}"
 
 
-@pytest.fixture
-def postgres_url(postgres_ready: None) -> Iterator[str]:
-    """A fresh PostgreSQL database for one test, dropped afterwards."""
+@contextlib.contextmanager
+def fresh_postgres_database() -> Iterator[str]:
+    """Create a database with a random name; drop it (and its connections) afterwards."""
     name = f"rfx_{uuid.uuid4().hex[:12]}"
     _pg_admin(f'CREATE DATABASE "{name}"')
     try:
@@ -42,6 +43,20 @@ def postgres_url(postgres_ready: None) -> Iterator[str]:
 
         dispose_engines()
         _pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def postgres_url(postgres_ready: None) -> Iterator[str]:
+    """A fresh PostgreSQL database for one test."""
+    with fresh_postgres_database() as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def postgres_module_url(postgres_ready: None) -> Iterator[str]:
+    """A fresh PostgreSQL database shared by one test module."""
+    with fresh_postgres_database() as url:
+        yield url
 
 
 @pytest.fixture
