@@ -152,3 +152,22 @@ def test_deleted_content_is_never_read(tmp_path: Path) -> None:
     assert (tmp_path / "d/etc/conf").read_text() == "new"
     assert dir_listing(tmp_path / "d")[0] == tar_listing(tmp_path / "t.tar")[0]
     assert plan.data_bytes == 1 + 3
+
+
+def test_name_too_long_for_a_filesystem_is_a_clear_error(tmp_path: Path) -> None:
+    name = "d/" + "n" * 300
+    plan, locate = local_plan(tmp_path / "cache", [Layer.from_entries([file(name, "x")])])
+    with pytest.raises(PackagingError, match="n" * 300):
+        write_dir(plan, tmp_path / "d", locate)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]
+    write_tar_file(plan, tmp_path / "t.tar", locate)     # a tar can carry it
+    assert name in tar_listing(tmp_path / "t.tar")[0]
+
+
+def test_unwritable_output_location_is_a_clear_error(tmp_path: Path) -> None:
+    plan, locate = local_plan(tmp_path / "cache", _layers())
+    (tmp_path / "file").write_text("not a directory")
+    with pytest.raises(PackagingError, match="cannot create"):
+        write_tar_file(plan, tmp_path / "file" / "t.tar", locate)
+    with pytest.raises(PackagingError, match="cannot create"):
+        write_dir(plan, tmp_path / "file" / "d", locate)

@@ -68,6 +68,9 @@ def request_from_args(args: argparse.Namespace) -> ExportRequest:
     fmt = OutputFormat(args.format)
     if args.output == "-" and fmt != OutputFormat.TAR:
         raise ConfigError("-o - (standard output) is only possible with --format tar")
+    if args.output == "-" and sys.stdout.isatty():
+        raise ConfigError("refusing to write a tar to a terminal: redirect standard output "
+                          "(-o - > root.tar) or give a file name")
     if args.output == "-" and args.json:
         raise ConfigError("--json cannot be combined with -o - (standard output carries the tar)")
     fraction, min_free = _headroom(args.headroom)

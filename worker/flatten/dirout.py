@@ -114,6 +114,7 @@ class _Applier:
         self.skipped: set[str] = set()    # paths not created (device nodes, non-root)
         self.done = 0
         self._last = 0
+        self.current = "."               # the path being written (for error messages)
 
     # -- metadata ----------------------------------------------------------------------------
     def _chown(self, target: int | str, e: IndexEntry, dir_fd: int | None = None) -> None:
@@ -276,9 +277,11 @@ class _Applier:
                 continue
             if pe.entry.kind == EntryKind.DIR:
                 if pe.path != ".":
+                    self.current = pe.path
                     self.mkdir(pe)
                 dirs.append(pe)
             else:
+                self.current = pe.path
                 self.node(pe)
             self.report.entries += 1
         data_layers = plan.data_layers()
@@ -290,6 +293,7 @@ class _Applier:
                                      cancel=self.cancel)
                 try:
                     for pe in todo:
+                        self.current = pe.path
                         self.file_with_data(pe, stream)
                         self.report.entries += 1
                         self.emit(f"layer {i + 1}/{len(plan.layers)}", i)
@@ -302,9 +306,11 @@ class _Applier:
         self.check()
         for pe in plan.entries:
             if pe.link_to is not None:
+                self.current = pe.path
                 self.link(pe)
                 self.report.entries += 1
         for pe in reversed(dirs):
+            self.current = pe.path
             self.dir_meta(pe)
         if self.report.not_preserved:
             lost = ", ".join(f"{what}: {n}" for what, n in sorted(self.report.not_preserved.items()))
@@ -328,6 +334,11 @@ def apply_plan(plan: FlatPlan, target: str | Path, locate: BlobLocator, *,
     applier = _Applier(plan, root_fd, locate, progress, cancel)
     try:
         return applier.run(on_layer_done)
+    except OSError as exc:
+        # ENOSPC, ENAMETOOLONG (a name over 255 bytes), EDQUOT...: the user's problem to fix,
+        # said with the path, not a traceback.
+        raise PackagingError(f"cannot write {applier.current!r} into {str(target)!r}: "
+                             f"{exc.strerror or exc}") from exc
     finally:
         applier.dirs.close()
         os.close(root_fd)
@@ -361,13 +372,18 @@ def write_dir(plan: FlatPlan, output: str | Path, locate: BlobLocator, *,
     out = Path(output)
     if out.is_symlink() or (out.exists() and (not out.is_dir() or any(out.iterdir()))):
         raise PackagingError(f"output {str(out)!r} exists and is not an empty directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent)
+    except OSError as exc:
+        raise PackagingError(f"cannot create {str(out)!r}: {exc.strerror or exc}") from exc
     try:
         report = apply_plan(plan, tmp, locate, progress=progress, cancel=cancel,
                             on_layer_done=on_layer_done)
         os.rename(tmp, out)
-    except BaseException:
+    except BaseException as exc:
         remove_tree(tmp)
+        if isinstance(exc, OSError):
+            raise PackagingError(f"cannot create {str(out)!r}: {exc.strerror or exc}") from exc
         raise
     return report

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from worker.cache.index import EntryKind, IndexEntry
-from worker.errors import Canceled, CorruptLayer
+from worker.errors import Canceled, CorruptLayer, PackagingError
 from worker.flatten.plan import FlatPlan, PlannedEntry
 from worker.flatten.reader import BlobLocator, LayerStream
 from worker.progress import Phase, ProgressCallback, ProgressEvent, no_progress
@@ -263,8 +263,23 @@ def write_tar(plan: FlatPlan, out: BinaryIO, locate: BlobLocator, *,
 
     ``locate`` maps a layer to its cached blob. ``on_layer_done(i)`` is called once per layer,
     bottom to top, as soon as layer ``i`` will not be read again (``--low-disk`` deletes it).
-    ``cancel`` is checked between layers and while reading. Raises CorruptLayer, Canceled, OSError.
+    ``cancel`` is checked between layers and while reading. Raises CorruptLayer, Canceled,
+    PackagingError (the output cannot be written: full disk, closed pipe).
     """
+    try:
+        return _write_tar(plan, out, locate, progress=progress, cancel=cancel,
+                          on_layer_done=on_layer_done, passthrough=passthrough)
+    except OSError as exc:
+        if isinstance(exc, BrokenPipeError):
+            raise PackagingError("the tar's reader went away before the end (broken pipe)"
+                                 ) from exc
+        raise PackagingError(f"cannot write the tar: {exc.strerror or exc}") from exc
+
+
+def _write_tar(plan: FlatPlan, out: BinaryIO, locate: BlobLocator, *,
+               progress: ProgressCallback, cancel: threading.Event | None,
+               on_layer_done: Callable[[int], None] | None,
+               passthrough: bool) -> TarReport:
     w = _Out(out)
     rep = TarReport(counts=dict(plan.counts))
     prog = _Progress(plan, progress)
@@ -367,8 +382,11 @@ def write_tar_file(plan: FlatPlan, output: str | Path, locate: BlobLocator, *,
     Returns the report and the sha256 (hex) of the file. Any failure removes the temp file.
     """
     out = Path(output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
+    except OSError as exc:
+        raise PackagingError(f"cannot create {str(out)!r}: {exc.strerror or exc}") from exc
     try:
         with os.fdopen(fd, "wb") as f:   # buffered: write() takes everything
             hw = _HashingWriter(f)
@@ -377,8 +395,10 @@ def write_tar_file(plan: FlatPlan, output: str | Path, locate: BlobLocator, *,
             os.fchmod(f.fileno(), 0o644)  # mkstemp made it 0600
             os.fsync(f.fileno())
         os.replace(tmp, out)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise PackagingError(f"cannot write {str(out)!r}: {exc.strerror or exc}") from exc
         raise
     return report, hw.sha.hexdigest()
