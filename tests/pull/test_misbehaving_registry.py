@@ -232,14 +232,14 @@ def test_bearer_token_flow_scopes_and_reuse(fake_registry: FakeServer, fast: Any
 
 def test_bearer_token_expiry_and_access_token_key(fake_registry: FakeServer, fast: Any) -> None:
     fake_registry.bearer = True
-    fake_registry.token_lifetime = 6      # minus the 5 s safety margin: ~1 s
+    fake_registry.token_lifetime = 7      # minus the 5 s safety margin: ~2 s
     fake_registry.token_key = "access_token"
     img = fake_registry.add_image("app", "v1", [gz_layer(1, 100)])
     ref = parse_reference(img.reference)
     with RegistryClient.for_reference(ref, fast) as client:
         client.resolve(ref)
         assert client.auth.token_fetches == 1
-        time.sleep(1.2)
+        time.sleep(2.2)
         client.resolve(ref)
         assert client.auth.token_fetches == 2
 
