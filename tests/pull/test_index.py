@@ -268,3 +268,17 @@ def test_zstd_bomb_fails_fast_with_bounded_overshoot() -> None:
                          limits=IndexLimits(max_uncompressed_bytes=limit))
     # one decompression step adds at most ~32 MiB past the limit: nothing big is buffered
     assert info.value.value <= limit + (40 << 20)
+
+
+def test_hostile_sparse_map_is_bounded() -> None:
+    # a GNU sparse 1.0 member whose map claims a trillion chunks, followed by zeros
+    ti = tarfile.TarInfo("s")
+    ti.size = 64 << 20
+    ti.pax_headers = {"GNU.sparse.major": "1", "GNU.sparse.minor": "0",
+                      "GNU.sparse.name": "s", "GNU.sparse.realsize": "100"}
+    head = ti.tobuf(format=tarfile.PAX_FORMAT)
+    data = head + b"999999999999\n" + b"\0" * (64 << 20)
+    start = time.monotonic()
+    with pytest.raises(LimitExceeded, match="sparse map"):
+        index(data, 1 << 20)
+    assert time.monotonic() - start < 10

@@ -300,6 +300,37 @@ def _make_tarinfo_class(limits: IndexLimits, layer: str | None) -> type[tarfile.
                                     setting="ROOTFS_EXPORT_MAX_PATH_LENGTH", layer=layer)
             return super()._proc_member(tf)  # type: ignore[misc]
 
+        # tarfile's own version grows a buffer until it finds enough numbers: a hostile map
+        # ("999999999999\n" then zeros) would make it read the whole stream into memory.
+        def _proc_gnusparse_10(self, next: tarfile.TarInfo, pax_headers: dict[str, str],
+                               tf: tarfile.TarFile) -> None:
+            fileobj: Any = tf.fileobj
+            buf = bytearray(fileobj.read(tarfile.BLOCKSIZE))
+            used = len(buf)
+            numbers: list[int] = []
+            fields = -1
+            while fields < 0 or len(numbers) < 2 * fields:
+                while b"\n" not in buf:
+                    if used >= ext_limit:
+                        raise LimitExceeded("sparse map size", used, ext_limit,
+                                            setting="ROOTFS_EXPORT_MAX_PATH_LENGTH",
+                                            layer=layer, path=next.name)
+                    block = fileobj.read(tarfile.BLOCKSIZE)
+                    if len(block) < tarfile.BLOCKSIZE:
+                        raise CorruptLayer("truncated sparse map", layer=layer,
+                                           path=next.name)
+                    buf += block
+                    used += len(block)
+                end = buf.index(b"\n")
+                value = int(buf[:end])
+                del buf[:end + 1]
+                if fields < 0:
+                    fields = value
+                else:
+                    numbers.append(value)
+            next.offset_data = fileobj.tell()
+            next.sparse = list(zip(numbers[::2], numbers[1::2], strict=True))  # type: ignore[assignment]
+
     return _GuardedTarInfo
 
 
