@@ -232,9 +232,12 @@ def _build(resolved: ResolvedImage, layers: list[LayerIndex], request: ExportReq
     def locate(layer: LayerIndex) -> Path:
         return cache.path(layer.digest)
 
+    # An image may use one blob at several positions: it goes once its last use is read.
+    last_use = {layer.digest: i for i, layer in enumerate(layers)}
+
     def layer_done(i: int) -> None:
         holds[i].close()
-        if request.low_disk:
+        if request.low_disk and last_use[layers[i].digest] == i:
             cache.delete(layers[i].digest)
 
     warnings: list[str] = []

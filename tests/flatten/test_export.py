@@ -237,3 +237,26 @@ def test_export_from_a_registry_needing_credentials(auth_registry: Any, tmp_path
     assert p.returncode == 0, p.stderr
     assert (tmp_path / "root/secret").read_text() == "s3cret"
     assert auth_registry.password not in p.stderr + p.stdout
+
+
+def test_low_disk_with_a_blob_used_twice_and_ext4(registry: Any, settings: Any,
+                                                  tmp_path: Path) -> None:
+    a = Layer.from_entries([file("a", "first"), file("both", "from a")])
+    b = Layer.from_entries([file("b", "b"), file("both", "from b")])
+    img = push_image(registry, "export/twice", "v1", [a, b, a])
+    out = tmp_path / "root.tar"
+    res = export(ExportRequest(img.reference, str(out), OutputFormat.TAR, low_disk=True),
+                 settings)
+    listing = tar_listing(out)[0]
+    assert set(listing) == {".", "a", "b", "both"} and res.counts["file"] == 3
+    cache = BlobCache(settings.cache_dir)
+    assert not cache.has(a.digest) and not cache.has(b.digest)
+    img2 = push_image(registry, "export/ext4-lowdisk", "v1", [a, b])
+    out2 = tmp_path / "root.ext4"
+    res2 = export(ExportRequest(img2.reference, str(out2), OutputFormat.EXT4, low_disk=True),
+                  settings)
+    assert out2.stat().st_size == res2.output_size and res2.sha256
+    assert json.loads((tmp_path / "root.ext4.json").read_text())["format"] == "ext4"
+    assert not cache.has(a.digest) and not cache.has(b.digest)
+    p = subprocess.run(["debugfs", "-R", "cat /both", str(out2)], capture_output=True)
+    assert p.stdout == b"from b"
