@@ -238,7 +238,10 @@ def _build(resolved: ResolvedImage, layers: list[LayerIndex], request: ExportReq
     def layer_done(i: int) -> None:
         holds[i].close()
         if request.low_disk and last_use[layers[i].digest] == i:
-            cache.delete(layers[i].digest)
+            # Another job reading the same blob holds a shared lock: leave it to that job.
+            with cache.lock(layers[i].digest, blocking=False) as mine:
+                if mine:
+                    cache.delete(layers[i].digest)
 
     warnings: list[str] = []
     extra: dict[str, Any] = {}

@@ -260,3 +260,17 @@ def test_low_disk_with_a_blob_used_twice_and_ext4(registry: Any, settings: Any,
     assert not cache.has(a.digest) and not cache.has(b.digest)
     p = subprocess.run(["debugfs", "-R", "cat /both", str(out2)], capture_output=True)
     assert p.stdout == b"from b"
+
+
+def test_low_disk_leaves_a_blob_another_job_is_reading(small_image: Any, settings: Any,
+                                                       tmp_path: Path) -> None:
+    from worker.pull.fetch import fetch_layers
+
+    resolved = resolve(small_image.reference, None, settings)
+    layers = fetch_layers(resolved, settings)
+    cache = BlobCache(settings.cache_dir)
+    with cache.lock(layers[0].digest, shared=True):      # the other job
+        build_output(resolved, layers, ExportRequest(small_image.reference,
+                                                     str(tmp_path / "o.tar"), OutputFormat.TAR,
+                                                     low_disk=True), settings)
+    assert cache.has(layers[0].digest) and not cache.has(layers[1].digest)
