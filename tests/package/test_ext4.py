@@ -85,6 +85,8 @@ def test_three_methods_build_clean_equivalent_trees(tmp_path: Path) -> None:
         assert str(result.method) == method
         check = fsck(out)
         assert check.returncode == 0, check.stdout + check.stderr
+        sb = dumpe2fs(out)
+        assert sb["Last mounted on"] == "<not available>" and sb["Mount count"] == "0"
         listings[method] = listing_of(out, tmp_path / f"mnt-{method}")
         assert not leftovers(out.name)
     stream = listings["stream"]
@@ -210,6 +212,11 @@ def test_explicit_size_too_small_names_the_sizes(tmp_path: Path) -> None:
     assert not list(tmp_path.glob("*small.ext4*"))
     ok = build(plan, locate, tmp_path / "ok.ext4", size=64 << 20)
     assert ok.fs_size == 64 << 20 and fsck(tmp_path / "ok.ext4").returncode == 0
+    # the suggested minimum really is enough
+    suggested = str(err.value).split("at least --size ")[1].split()[0]
+    minimum = int(float(suggested[:-1]) * {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}[suggested[-1]])
+    tight = build(plan, locate, tmp_path / "tight.ext4", size=minimum)
+    assert fsck(tmp_path / "tight.ext4").returncode == 0 and tight.fs_size < 64 << 20
 
 
 def test_shrink_then_headroom(tmp_path: Path) -> None:
@@ -362,6 +369,20 @@ def test_auto_prefers_stream_and_avoids_it_when_it_cannot_reproduce(tmp_path: Pa
         choose_method(odd, Ext4Method.STREAM)
     if LOOP_SKIP is None:
         assert choose_method(odd, Ext4Method.AUTO)[0] == Ext4Method.MOUNT
+
+
+@needs_loop
+def test_auto_uses_mount_for_a_huge_directory(tmp_path: Path) -> None:
+    from worker.export import Ext4Method
+    from worker.package.ext4 import STREAM_DIR_LIMIT, choose_method, largest_directory
+
+    n = STREAM_DIR_LIMIT + 1
+    plan, locate = make_plan(tmp_path, [[file(f"many/f{i}", b"") for i in range(n)]])
+    assert largest_directory(plan) == ("many", n)
+    assert choose_method(plan, Ext4Method.AUTO)[0] == Ext4Method.MOUNT
+    result = build(plan, locate, tmp_path / "many.ext4", method="auto")
+    assert str(result.method) == "mount" and fsck(tmp_path / "many.ext4").returncode == 0
+    assert result.inodes - result.free_inodes >= n
 
 
 @needs_loop

@@ -40,6 +40,7 @@ from worker.errors import Canceled, ConfigError, PackagingError, RootfsExportErr
 from worker.flatten.plan import FlatPlan
 from worker.package.e2fs import (
     BLOCK_SIZE,
+    FIXED_TIME,
     INODE_SIZE,
     debugfs_quote,
     debugfs_script,
@@ -74,6 +75,11 @@ log = logging.getLogger(__name__)
 
 #: bump when a change alters the bytes produced for the same input (part of the UUID seed)
 FORMAT_VERSION = "rootfs-export-ext4/1"
+#: libext2fs adds each entry to an unindexed directory by scanning it (twice: lookup, then a
+#: free slot), so ``mke2fs -d`` fills one directory in quadratic time: 20,000 entries in one
+#: directory take ~2 minutes on a fast machine, against ~4 s loop-mounted (kernel htree). Above
+#: this many entries in one directory, auto prefers the mount method where it can run.
+STREAM_DIR_LIMIT = 10_000
 _NAMESPACE = uuid.UUID("6f3d1c2e-5b7a-4e8f-9a0b-1c2d3e4f5a6b")
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 
@@ -267,12 +273,26 @@ def _lossy_as_non_root(plan: FlatPlan) -> list[str]:
             f"address (e.g. {bad[0]!r})"]
 
 
+def largest_directory(plan: FlatPlan) -> tuple[str, int]:
+    """The directory with the most entries in ``plan`` and that count."""
+    counts: dict[str, int] = {}
+    for planned in plan.entries:
+        if planned.path != ".":
+            parent = planned.path.rpartition("/")[0] or "."
+            counts[parent] = counts.get(parent, 0) + 1
+    if not counts:
+        return ".", 0
+    path = max(counts, key=lambda p: counts[p])
+    return path, counts[path]
+
+
 def choose_method(plan: FlatPlan, requested: Ext4Method, *,
                   strict: bool = False) -> tuple[Ext4Method, list[str]]:
     """The method to use for ``plan`` and any warnings; errors if a forced one cannot run.
 
-    Auto: ``stream`` where ``mke2fs -d -`` works and can reproduce the plan, else ``mount`` as
-    root with loop devices, else ``dir``. As non-root the dir method restores ownership, modes,
+    Auto: ``stream`` where ``mke2fs -d -`` works and can reproduce the plan (and no directory
+    holds more than :data:`STREAM_DIR_LIMIT` entries where the mount method can run), else
+    ``mount`` as root with loop devices, else ``dir``. As non-root the dir method restores ownership, modes,
     device nodes and xattrs with debugfs after ``mke2fs -d``; only paths debugfs cannot name
     are lost, which is warned about (refused with ``strict``).
     """
@@ -294,9 +314,18 @@ def choose_method(plan: FlatPlan, requested: Ext4Method, *,
             raise PackagingError(f"--ext4-method mount is not available: {loop_why}")
         return Ext4Method.MOUNT, warnings
     if requested == Ext4Method.AUTO:
-        if stream_ok and not blockers:
+        big_dir, big_count = largest_directory(plan)
+        if stream_ok and not blockers and (big_count <= STREAM_DIR_LIMIT or not loop_ok):
+            if big_count > STREAM_DIR_LIMIT:
+                log.warning("directory /%s has %d entries: mke2fs -d - fills it in quadratic "
+                            "time (expect minutes); the mount method (root) is much faster",
+                            big_dir, big_count)
             return Ext4Method.STREAM, warnings
         if loop_ok:
+            if stream_ok and not blockers:
+                log.info("using the mount method: directory /%s has %d entries, more than "
+                         "mke2fs -d fills in reasonable time (%d)", big_dir, big_count,
+                         STREAM_DIR_LIMIT)
             return Ext4Method.MOUNT, warnings
     if os.geteuid() != 0:
         lost = _lossy_as_non_root(plan)
@@ -369,15 +398,19 @@ def _choose_geometry(work: Path, needs: ContentNeeds, free_target: int, size: in
         fs_bytes = align_up(size, alignment)
         spare = max(0, fs_bytes - needs.bytes)
         inodes = needs.inodes + max(1024, needs.inodes // 4) + spare // (64 << 10)
-        sb = _probe_checked(work, fs_bytes, features, inodes, needs, size)
-        free_blocks = int(sb["Free blocks"])
+        try:
+            free_blocks = int(_probe(work, fs_bytes, features, inodes)["Free blocks"])
+        except PackagingError:
+            free_blocks = -1     # cannot even hold the inode tables
         if free_blocks < needs.blocks:
+            left = (f"leaves {_human(free_blocks * BLOCK_SIZE)} for it after its own metadata"
+                    if free_blocks >= 0 else f"cannot even hold {inodes} inodes")
+            minimum = _min_size(work, needs, features, alignment)
             raise PackagingError(
                 f"--size {_human(size)} is too small for this image: its content needs about "
                 f"{_human(needs.bytes)} ({needs.inodes} inodes) and a {_human(fs_bytes)} "
-                f"filesystem leaves {_human(free_blocks * BLOCK_SIZE)} for it after its own "
-                f"metadata; use at least --size {_human(_min_size(work, needs, features, alignment))}"
-                " or leave --size out to size it automatically")
+                f"filesystem {left}; use at least --size {_human(minimum)} or leave --size out "
+                "to size it automatically")
         return fs_bytes, inodes
     inodes = inode_count(needs, free_target)
     fs_bytes = initial_fs_size(needs, inodes, free_target, alignment)
@@ -389,16 +422,6 @@ def _choose_geometry(work: Path, needs: ContentNeeds, free_target: int, size: in
             return fs_bytes, inodes
         fs_bytes = align_up(fs_bytes + (need_blocks - free_blocks) * BLOCK_SIZE, alignment)
     raise PackagingError(f"could not size an ext4 image for {_human(needs.bytes)} of content")
-
-
-def _probe_checked(work: Path, fs_bytes: int, features: tuple[str, ...], inodes: int,
-                   needs: ContentNeeds, size: int) -> dict[str, str]:
-    try:
-        return _probe(work, fs_bytes, features, inodes)
-    except PackagingError as exc:
-        raise PackagingError(f"--size {_human(size)} is too small for this image (content "
-                             f"needs about {_human(needs.bytes)}, {needs.inodes} inodes): "
-                             f"{exc}") from None
 
 
 def _min_size(work: Path, needs: ContentNeeds, features: tuple[str, ...], alignment: int) -> int:
@@ -585,6 +608,9 @@ def _build_mount(mkfs: list[str], image: Path, fs_bytes: int, work: Path, write_
         _check_cancel(cancel)
         write_dir(mnt)
         _check_cancel(cancel)
+    # The mount left the build host's temp path, its clock and a mount count in the superblock.
+    debugfs_script(image, ['ssv last_mounted ""', "ssv mtime 0", "ssv mnt_count 0",
+                           f"ssv wtime @{FIXED_TIME}"], write=True)
 
 
 def _build_dir(mkfs: list[str], image: Path, fs_bytes: int, work: Path, write_dir: DirWriter,
