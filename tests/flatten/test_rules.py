@@ -329,3 +329,17 @@ def test_unprivileged_gnu_tar_fills_read_only_dirs(both: Any,
     assert (work / "ro/deeper/b").read_text() == "b"
     assert stat.S_IMODE(os.stat(work / "ro").st_mode) == 0o555
     assert os.stat(work / "ro").st_mtime == 1_000_000_000
+
+
+def test_hardlink_header_metadata_never_overrides_the_inode(both: Any, tmp_path: Path) -> None:
+    import subprocess
+
+    ex = both("hardlink-meta",
+              L(file("bin/tool", "T", mode=0o755, mtime=1_500_000_000)),
+              L(hardlink("bin/alias", "bin/tool", mode=0o600, mtime=1_700_000_000)))
+    assert ex.listing["bin/alias"][1] == ex.listing["bin/tool"][1] == 0o755
+    img = tmp_path / "x.ext4"
+    subprocess.run(f"mke2fs -q -F -t ext4 -d - {img} 16M < {ex.tar}", shell=True, check=True)
+    p = subprocess.run(["debugfs", "-R", "stat /bin/alias", str(img)], capture_output=True,
+                       text=True)
+    assert "Mode:  0755" in p.stdout and "Links: 2" in p.stdout, p.stdout

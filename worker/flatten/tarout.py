@@ -154,11 +154,15 @@ def sparse_map(e: IndexEntry) -> list[tuple[int, int]]:
     return chunks
 
 
-def header_for(pe: PlannedEntry) -> bytes:
-    """The PAX header block(s) for ``pe`` (data, if any, follows; sparse map included)."""
+def header_for(pe: PlannedEntry, owner: IndexEntry | None = None) -> bytes:
+    """The PAX header block(s) for ``pe`` (data, if any, follows; sparse map included).
+
+    For a hardlink, ``owner`` is the entry of the path it links to: the link's header
+    repeats the inode's metadata, so no extractor can take a stale one from the link.
+    """
     e = pe.entry
     if pe.link_to is not None:
-        return _encode(_tarinfo(pe.path, e, EntryKind.HARDLINK, linkname=pe.link_to))
+        return _encode(_tarinfo(pe.path, owner or e, EntryKind.HARDLINK, linkname=pe.link_to))
     kind = e.kind
     if kind == EntryKind.SYMLINK:
         return _encode(_tarinfo(pe.path, e, kind, linkname=e.linkname), e.xattrs)
@@ -334,9 +338,11 @@ def _write_tar(plan: FlatPlan, out: BinaryIO, locate: BlobLocator, *,
         prog.emit(f"layer {i + 1}/{len(plan.layers)} applied", force=True)
 
     _check(cancel)
+    owners = {pe.path: pe.entry for pe in plan.entries if pe.link_to is None
+              and pe.entry.kind != EntryKind.DIR}
     for pe in plan.entries:
         if pe.link_to is not None:
-            w.write(header_for(pe))
+            w.write(header_for(pe, owners.get(pe.link_to)))
             rep.entries += 1
     # Directories again, deepest first, with their real mode: an extractor sets a directory's
     # mode and mtime from its last entry (GNU tar when the archive leaves it, libarchive and
