@@ -49,6 +49,9 @@ from api.db import (
 MAX_BUILD_ATTEMPTS = 3
 #: likewise for a job whose resolve task's worker vanished
 MAX_RESOLVE_ATTEMPTS = 3
+#: a build none of whose tasks started for this many stale periods fails (no worker consumes
+#: its queue: a node name nobody serves, or every worker gone)
+IDLE_STALE_PERIODS = 12
 
 
 def new_id() -> str:
@@ -379,18 +382,38 @@ def cancel_job(url: str, job_id: str) -> CancelOutcome:
 def task_started(url: str, task_id: str, *, kind: str, job_id: str | None = None,
                  build_id: str | None = None, attempt: int = 1, layer: int | None = None,
                  digest: str | None = None, worker: str | None = None,
-                 pid: int | None = None) -> None:
+                 pid: int | None = None, fresh_seconds: float | None = None,
+                 pid_alive: Callable[[int], bool] | None = None) -> bool:
+    """Record that a task execution starts; False if another live execution already runs it.
+
+    The broker may hand a message out again while its first execution still runs (Redis
+    redelivers unacknowledged messages after the visibility timeout). A row with a heartbeat
+    younger than ``fresh_seconds`` from another worker, or from a process of this worker that
+    ``pid_alive`` says still exists, belongs to a live execution: the caller must not run.
+    """
     now = utcnow()
-    with session_scope(url) as s:
-        row = s.get(BuildTask, task_id, with_for_update=True)
-        if row is None:
-            s.add(BuildTask(id=task_id, kind=kind, job_id=job_id, build_id=build_id,
-                            attempt=attempt, layer=layer, digest=digest, worker=worker, pid=pid,
-                            state=TASK_STARTED, deliveries=1, started_at=now, heartbeat_at=now))
-        else:
+    try:
+        with session_scope(url) as s:
+            row = s.get(BuildTask, task_id, with_for_update=True)
+            if row is None:
+                s.add(BuildTask(id=task_id, kind=kind, job_id=job_id, build_id=build_id,
+                                attempt=attempt, layer=layer, digest=digest, worker=worker,
+                                pid=pid, state=TASK_STARTED, deliveries=1, started_at=now,
+                                heartbeat_at=now))
+                return True
+            if (row.state == TASK_STARTED and fresh_seconds is not None
+                    and row.heartbeat_at > now - dt.timedelta(seconds=fresh_seconds)
+                    and (row.worker, row.pid) != (worker, pid)):
+                other_worker = row.worker != worker
+                if other_worker or (row.pid is not None and pid_alive is not None
+                                    and pid_alive(row.pid)):
+                    return False
             row.worker, row.pid, row.state = worker, pid, TASK_STARTED
             row.deliveries += 1
             row.heartbeat_at, row.finished_at = now, None
+            return True
+    except IntegrityError:
+        return False     # a concurrent delivery of the same task recorded itself first
 
 
 def task_heartbeat(url: str, task_id: str) -> None:
@@ -447,6 +470,12 @@ def sweep_stale(url: str, stale_seconds: float) -> SweepActions:
         unlaunched = s.execute(select(Build.id).where(Build.status == RUNNING,
                                                       Build.updated_at < cutoff)
                                ).scalars().all()
+        idle_cutoff = now - dt.timedelta(seconds=stale_seconds * IDLE_STALE_PERIODS)
+        recent = select(BuildTask.build_id).where(BuildTask.heartbeat_at >= idle_cutoff,
+                                                  BuildTask.build_id.is_not(None))
+        idle = s.execute(select(Build.id).where(Build.status == RUNNING,
+                                                Build.updated_at < idle_cutoff,
+                                                Build.id.not_in(recent))).scalars().all()
     for task_id, kind, job_id, build_id, worker, _layer, digest in stale_ids:
         with session_scope(url) as s:
             won = s.execute(update(BuildTask).where(
@@ -467,6 +496,22 @@ def sweep_stale(url: str, stale_seconds: float) -> SweepActions:
             if b is not None and b.status == RUNNING and not b.task_ids and b.updated_at < cutoff:
                 b.updated_at = now
                 actions.launch.append(b.id)
+    for build_id in idle:
+        if build_id in actions.launch:
+            continue
+        waited = int(stale_seconds * IDLE_STALE_PERIODS)
+        with session_scope(url) as s:
+            b = s.get(Build, build_id, with_for_update=True)
+            if b is None or b.status != RUNNING or b.updated_at >= idle_cutoff:
+                continue
+            reason = (f"no worker ran this export's tasks for {waited} s: is a worker "
+                      f"consuming the queues fetch and package.{b.node}?")
+            b.status, b.error, b.updated_at, b.finished_at = FAILED, reason, now, now
+            b.key = f"retired:{b.id}"
+            s.execute(update(Export).where(Export.build_id == b.id,
+                                           Export.status.in_([QUEUED, RUNNING]))
+                      .values(status=FAILED, error=reason, updated_at=now, finished_at=now))
+            actions.failed.append(b.id)
     return actions
 
 

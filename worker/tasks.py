@@ -20,8 +20,6 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -127,11 +125,23 @@ def _publish(task: Task, event: ProgressEvent) -> None:
             log.warning("could not publish progress of task %s", task.request.id, exc_info=True)
 
 
-@contextmanager
-def _task_row(url: str, task: Task, **fields: Any) -> Iterator[str]:
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _start_row(url: str, task: Task, settings: Settings, **fields: Any) -> str | None:
+    """Record this execution; None if a live execution of the same task already runs."""
     task_id = str(task.request.id or uuid.uuid4())
-    store.task_started(url, task_id, worker=_worker_name(task), pid=os.getpid(), **fields)
-    yield task_id
+    ok = store.task_started(url, task_id, worker=_worker_name(task), pid=os.getpid(),
+                            fresh_seconds=settings.stale_job_seconds, pid_alive=_pid_alive,
+                            **fields)
+    return task_id if ok else None
 
 
 # -- launching -----------------------------------------------------------------------------------
@@ -194,9 +204,10 @@ def resolve_task(self: Task, job_id: str, image: str, platform: str | None) -> d
     if job is None:
         return {"job": job_id, "skipped": "job is no longer waiting"}
     _publish(self, ProgressEvent(phase=Phase.RESOLVE, message=image))
-    with _task_row(url, self, kind="resolve", job_id=job_id) as task_id, \
-            Watcher(url, task_id, None, job_id=job_id,
-                    stale_seconds=settings.stale_job_seconds):
+    task_id = _start_row(url, self, settings, kind="resolve", job_id=job_id)
+    if task_id is None:
+        return {"job": job_id, "skipped": "already running elsewhere"}
+    with Watcher(url, task_id, None, job_id=job_id, stale_seconds=settings.stale_job_seconds):
         try:
             resolved = export.resolve(image, platform, settings)
         except RegistryError as exc:
@@ -262,9 +273,11 @@ def fetch_layer_task(self: Task, build_id: str, image: str, layer: int,
             except Exception:
                 log.warning("progress write failed for build %s", build_id, exc_info=True)
 
-    with _task_row(url, self, kind="fetch", build_id=build_id, attempt=info.attempt,
-                   layer=layer, digest=digest) as task_id, \
-            Watcher(url, task_id, build_id, stale_seconds=settings.stale_job_seconds) as watch:
+    task_id = _start_row(url, self, settings, kind="fetch", build_id=build_id,
+                         attempt=info.attempt, layer=layer, digest=digest)
+    if task_id is None:
+        return {"layer": layer, "digest": digest, "skipped": "already running elsewhere"}
+    with Watcher(url, task_id, build_id, stale_seconds=settings.stale_job_seconds) as watch:
         try:
             index = export.fetch_layer(resolved, layer, settings, progress=progress,
                                        cancel=watch.cancel)
@@ -310,7 +323,6 @@ def package_task(self: Task, fetched: list[Any] | None = None, *, build_id: str,
     """The chord callback: flatten the cached layers and package them on this node."""
     settings = get_settings()
     url = settings.database_url
-    task_id = str(self.request.id)
     if settings.node != node:
         # Routed by queue name; a worker started with another node's queue would write the
         # output where nobody looks for it.
@@ -318,7 +330,13 @@ def package_task(self: Task, fetched: list[Any] | None = None, *, build_id: str,
     info = store.get_build(url, build_id)
     if info is None or not info.active:
         return {"build": build_id, "skipped": "build is no longer running"}
+    started = _start_row(url, self, settings, kind="package", build_id=build_id,
+                         attempt=info.attempt)
+    if started is None:
+        return {"build": build_id, "skipped": "already running elsewhere"}
+    task_id = started
     if not store.claim_package(url, build_id, task_id):
+        store.task_finished(url, task_id)
         return {"build": build_id, "skipped": "another package task owns this build"}
     resolved = ResolvedImage.from_dict(info.resolved)
     out = output_path(settings, build_id, info.format)
@@ -334,8 +352,7 @@ def package_task(self: Task, fetched: list[Any] | None = None, *, build_id: str,
             except Exception:
                 log.warning("progress write failed for build %s", build_id, exc_info=True)
 
-    with _task_row(url, self, kind="package", build_id=build_id, attempt=info.attempt), \
-            Watcher(url, task_id, build_id, stale_seconds=settings.stale_job_seconds) as watch:
+    with Watcher(url, task_id, build_id, stale_seconds=settings.stale_job_seconds) as watch:
         try:
             layers = [export.fetch_layer(resolved, i, settings, cancel=watch.cancel)
                       for i in range(len(resolved.layers))]

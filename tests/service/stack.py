@@ -106,6 +106,9 @@ class Stack:
         self.broker_url = f"{base}/{db}"
         self.backend_url = f"{base}/{db + 1}"
         self.cache_dir = self.workdir / "cache"
+        # The workers' own Docker config (registry credentials); empty unless a test fills it.
+        self.docker_config = self.workdir / "docker-config"
+        self.docker_config.mkdir(exist_ok=True)
 
     def output_dir(self, node: str) -> Path:
         return self.workdir / f"out-{node}"
@@ -119,6 +122,7 @@ class Stack:
             "ROOTFS_EXPORT_CACHE_DIR": str(self.cache_dir),
             "ROOTFS_EXPORT_NODE": "a",
             "ROOTFS_EXPORT_OUTPUT_DIR": str(self.output_dir("a")),
+            "DOCKER_CONFIG": str(self.docker_config),
             "PYTHONUNBUFFERED": "1",
             "PATH": f"{BIN}:{env.get('PATH', '/usr/bin:/bin')}:/usr/sbin:/sbin",
         })

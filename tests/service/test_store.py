@@ -207,3 +207,40 @@ def test_vanished_resolve_worker_requeues_the_job(migrated_db: str) -> None:
     assert [r[0] for r in actions.resolve] == [j]
     v = store.get_job(url, j)
     assert v and v["status"] == "queued"
+
+
+def test_a_live_execution_keeps_its_task(migrated_db: str) -> None:
+    """A redelivered message must not start a second run beside a live one."""
+    url = migrated_db
+    alive = {101: True, 102: False}
+    kw: dict[str, Any] = {"kind": "package", "build_id": "b1", "fresh_seconds": 60,
+                          "pid_alive": lambda pid: alive.get(pid, False)}
+    assert store.task_started(url, "t", worker="a@h", pid=101, **kw)
+    assert not store.task_started(url, "t", worker="b@h", pid=7, **kw)      # other worker
+    alive[101] = False                                  # the pool process was killed
+    assert store.task_started(url, "t", worker="a@h", pid=102, **kw)
+    rows = store.build_tasks(url, "b1")
+    assert rows[0]["pid"] == 102 and rows[0]["deliveries"] == 2
+    _age_task(url, "t", 120)                            # its heartbeat stopped long ago
+    assert store.task_started(url, "t", worker="b@h", pid=7, **kw)
+
+
+def test_build_nobody_works_on_fails_eventually(migrated_db: str) -> None:
+    url = migrated_db
+    j = _job(url)
+    build_id = _attach(url, j).build_id
+    assert build_id
+    store.set_task_ids(url, build_id, ["f1", "p1"])
+    long_ago = store.utcnow() - dt.timedelta(seconds=60 * store.IDLE_STALE_PERIODS + 10)
+    with session_scope(url) as s:
+        s.execute(update(Build).where(Build.id == build_id).values(updated_at=long_ago))
+    # A task that heartbeats recently keeps it alive (queued behind others is not idle) ...
+    store.task_started(url, "p1", kind="package", build_id=build_id, worker="a@h", pid=1)
+    assert store.sweep_stale(url, 60).failed == []
+    # ... but with no task activity for that long, the job fails saying what to check.
+    _age_task(url, "p1", 60 * store.IDLE_STALE_PERIODS + 10)
+    store.task_finished(url, "p1")
+    _age_task(url, "p1", 60 * store.IDLE_STALE_PERIODS + 10)
+    assert store.sweep_stale(url, 60).failed == [build_id]
+    v = store.get_job(url, j)
+    assert v and v["status"] == "failed" and "package.a" in v["error"], v
