@@ -282,3 +282,34 @@ def test_hostile_sparse_map_is_bounded() -> None:
     with pytest.raises(LimitExceeded, match="sparse map"):
         index(data, 1 << 20)
     assert time.monotonic() - start < 10
+
+
+def _rechecksum(block: bytearray) -> bytes:
+    block[148:156] = b" " * 8
+    chk = sum(block)
+    block[148:156] = b"%06o\0 " % chk
+    return bytes(block)
+
+
+def test_hostile_old_gnu_sparse_chain_is_bounded() -> None:
+    ti = tarfile.TarInfo("s")
+    ti.size = 0
+    head = bytearray(ti.tobuf(format=tarfile.GNU_FORMAT)[:512])
+    head[156:157] = b"S"            # GNU sparse
+    head[482] = 1                   # "more sparse headers follow"
+    ext = bytearray(512)
+    ext[504] = 1                    # ... and again, forever
+    data = _rechecksum(head) + bytes(ext) * 20000
+    with pytest.raises(LimitExceeded, match="sparse map"):
+        index(data, 1 << 20)
+
+
+def test_global_pax_headers_cannot_pile_up() -> None:
+    globals_ = b"".join(tarfile.TarInfo.create_pax_global_header({f"comment.{i}": "x" * 200_000})
+                        for i in range(8))
+    data = globals_ + make_tar([file("f", "x")])
+    with pytest.raises(LimitExceeded, match="global PAX header"):
+        index(data, 1 << 20)
+    # one modest global header is fine
+    ok = tarfile.TarInfo.create_pax_global_header({"comment": "hi"}) + make_tar([file("f", "x")])
+    assert [e.path for e in index(ok).entries] == ["f"]

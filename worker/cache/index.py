@@ -286,6 +286,9 @@ class _ChunkReader:
             pass
 
 
+_nti: Any = getattr(tarfile, "nti")  # noqa: B009 - private helper, untyped in typeshed
+
+
 def _make_tarinfo_class(limits: IndexLimits, layer: str | None) -> type[tarfile.TarInfo]:
     ext_limit = max(MAX_EXTENDED_HEADER, 2 * limits.max_path_length)
 
@@ -298,7 +301,45 @@ def _make_tarinfo_class(limits: IndexLimits, layer: str | None) -> type[tarfile.
                     and self.size > ext_limit:
                 raise LimitExceeded("extended tar header size", self.size, ext_limit,
                                     setting="ROOTFS_EXPORT_MAX_PATH_LENGTH", layer=layer)
+            if self.type == tarfile.XGLTYPE:
+                # Global headers accumulate, and every later member copies them.
+                held = sum(len(k) + len(v) for k, v in tf.pax_headers.items())
+                if held + self.size > ext_limit:
+                    raise LimitExceeded("global PAX header size", held + self.size, ext_limit,
+                                        setting="ROOTFS_EXPORT_MAX_PATH_LENGTH", layer=layer)
             return super()._proc_member(tf)  # type: ignore[misc]
+
+        # Old GNU sparse headers chain "extended" blocks; cap how many we follow.
+        def _proc_sparse(self, tf: tarfile.TarFile) -> tarfile.TarInfo:
+            structs, isextended, origsize = self._sparse_structs  # type: ignore[attr-defined]
+            del self._sparse_structs  # type: ignore[attr-defined]
+            fileobj: Any = tf.fileobj
+            blocks = 0
+            while isextended:
+                blocks += 1
+                if blocks * tarfile.BLOCKSIZE > ext_limit:
+                    raise LimitExceeded("sparse map size", blocks * tarfile.BLOCKSIZE,
+                                        ext_limit, setting="ROOTFS_EXPORT_MAX_PATH_LENGTH",
+                                        layer=layer, path=self.name)
+                buf = fileobj.read(tarfile.BLOCKSIZE)
+                if len(buf) < tarfile.BLOCKSIZE:
+                    raise CorruptLayer("truncated sparse header", layer=layer, path=self.name)
+                pos = 0
+                for _ in range(21):
+                    try:
+                        offset = _nti(buf[pos:pos + 12])
+                        numbytes = _nti(buf[pos + 12:pos + 24])
+                    except ValueError:
+                        break
+                    if offset and numbytes:
+                        structs.append((offset, numbytes))
+                    pos += 24
+                isextended = bool(buf[504])
+            self.sparse = structs
+            self.offset_data = fileobj.tell()
+            tf.offset = self.offset_data + self._block(self.size)  # type: ignore[attr-defined]
+            self.size = origsize
+            return self
 
         # tarfile's own version grows a buffer until it finds enough numbers: a hostile map
         # ("999999999999\n" then zeros) would make it read the whole stream into memory.
