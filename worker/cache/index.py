@@ -469,6 +469,7 @@ def index_tar_stream(chunks: Iterable[bytes], *, layer: str | None = None,
     limits = limits or IndexLimits()
     reader = _ChunkReader(chunks, limits, layer)
     entries: list[IndexEntry] = []
+    members = 0
     end = 0
     try:
         tf = tarfile.open(  # type: ignore[call-overload]  # noqa: SIM115 - nothing to close
@@ -490,8 +491,9 @@ def index_tar_stream(chunks: Iterable[bytes], *, layer: str | None = None,
             if ti is None:
                 end = tf.offset
                 break
-            if len(entries) >= limits.max_entries:
-                raise LimitExceeded("entry count", len(entries) + 1, limits.max_entries,
+            members += 1
+            if members > limits.max_entries:
+                raise LimitExceeded("entry count", members, limits.max_entries,
                                     setting="ROOTFS_EXPORT_MAX_ENTRIES", layer=layer)
             entry = _entry(ti, limits, layer)
             if entry is not None:
