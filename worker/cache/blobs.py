@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import logging
 import os
 import tempfile
 import threading
@@ -29,7 +30,10 @@ from worker.cache.index import LayerIndex, dump_index, load_index
 from worker.errors import CorruptLayer, LayerError
 from worker.pull.reference import is_valid_digest
 
+log = logging.getLogger(__name__)
+
 INDEX_SUFFIX = ".index"
+_NO_LOCKING = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
 #: temp files older than this are leftovers of crashed writers
 STALE_TEMP_SECONDS = 24 * 3600
 
@@ -140,7 +144,12 @@ class BlobCache:
                     if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                         yield False
                         return
-                    raise
+                    if exc.errno not in _NO_LOCKING:
+                        raise
+                    # A shared filesystem without locks: writers then race on temp files
+                    # and the last atomic rename wins, which is still safe (same content).
+                    log.warning("cache %s: file locks unsupported (%s); concurrent fetches "
+                                "may download a blob twice", self.root, exc.strerror)
                 yield True
             finally:
                 os.close(fd)  # releases the flock
