@@ -420,6 +420,9 @@ def test_blob_without_index_is_reindexed_from_disk(fake_registry: FakeServer, fa
     gets = len(fake_registry.requests_to("/blobs/sha256"))
     (again,) = fetch_layers(r, fast)
     assert again == first
+    cache.index_path(first.digest).write_bytes(b"scribbled over")   # a damaged index
+    (third,) = fetch_layers(r, fast)
+    assert third == first and cache.index(first.digest) == first
     assert len(fake_registry.requests_to("/blobs/sha256")) == gets
 
 

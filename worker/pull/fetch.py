@@ -176,7 +176,12 @@ def _cached_index(cache: BlobCache, desc: Descriptor, diff_id: str,
                   image: str) -> LayerIndex | None:
     if not (cache.has(desc.digest) and cache.has_index(desc.digest)):
         return None
-    index = cache.index(desc.digest)
+    try:
+        index = cache.index(desc.digest)
+    except CorruptLayer:
+        log.warning("%s: cached index of layer %s is unreadable; indexing the blob again",
+                    image, desc.digest)
+        return None   # the verified blob is re-indexed from disk
     if index is None:
         return None
     _check_diff_id(image, desc, diff_id, index.diff_id)
