@@ -45,8 +45,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="smoke run: image a only, 1 round, no scaling series")
     p.add_argument("--no-scaling", action="store_true", help="skip the scaling series")
     p.add_argument("--scaling-only", action="store_true", help="only the scaling series")
+    p.add_argument("--size-series", default=",".join(SIZE_SERIES),
+                   help="images for time vs size (default %(default)s)")
+    p.add_argument("--layer-series", default=",".join(LAYER_SERIES),
+                   help="images for time vs layer count (default %(default)s)")
+    p.add_argument("--concurrency-image", default="l16",
+                   help="image pulled at concurrency 1, 2, 4, 8 (default %(default)s)")
+    p.add_argument("--stream-image", default="l1",
+                   help="single-layer image for the one-stream download figure "
+                        "(default %(default)s)")
     p.add_argument("--build-only", action="store_true",
                    help="build and push the images, run nothing")
+    p.add_argument("--budget", type=float, default=None, metavar="MINUTES",
+                   help="stop starting new main rounds when the next one (as long as the last) "
+                        "and the scaling series (--scaling-reserve) would not fit")
+    p.add_argument("--scaling-reserve", type=float, default=8.0, metavar="MINUTES",
+                   help="time kept for the scaling series under --budget (default 8)")
+    p.add_argument("--profile", action="store_true",
+                   help="finish with a py-spy profile of the fastest method on image b")
     p.add_argument("--timeout", type=float, default=900.0,
                    help="seconds one run may take before it is killed (default 900)")
     p.add_argument("--bench-dir", type=Path, default=None,
@@ -68,6 +84,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.rounds < 1:
         p.error("--rounds must be at least 1")
     return args
+
+
+def _names(spec: str) -> list[str]:
+    return [n.strip() for n in spec.split(",") if n.strip()]
 
 
 def find_rootfs_export(explicit: str | None) -> str:
@@ -147,6 +167,8 @@ class Bench:
         self.images = images
         self.out = out
         self.runs: list[RunResult] = []
+        self.t0 = time.monotonic()
+        self.rounds_done = 0
         self.scaling: list[dict[str, Any]] = []
 
     # -- one run -----------------------------------------------------------------------------
@@ -187,23 +209,45 @@ class Bench:
         if "ours-warm" in contenders:
             for n in names:
                 self.warm(self.images[n])
+        reserve = self.args.scaling_reserve * 60 if not self.args.no_scaling else 0.0
+        last = 0.0
         for rnd in range(1, self.args.rounds + 1):
+            if self.args.budget and rnd > 1:
+                spent = time.monotonic() - self.t0
+                if spent + last + reserve > self.args.budget * 60:
+                    print(f"bench: stopping after {rnd - 1} round(s): another one "
+                          f"({last / 60:.1f} min) would overrun --budget", flush=True)
+                    self.rounds_done = rnd - 1
+                    break
+            t_round = time.monotonic()
+            self.rounds_done = rnd
             print(f"bench: round {rnd}/{self.args.rounds}", flush=True)
             for i, n in enumerate(names):
                 # Alternate: each round (and each image) starts at a different contender.
                 shift = (rnd - 1 + i) % len(contenders)
                 for name in contenders[shift:] + contenders[:shift]:
                     self.run(self.images[n], name, rnd)
+            last = time.monotonic() - t_round
 
     # -- scaling -----------------------------------------------------------------------------
     def scaling_series(self, ours: str) -> None:
         print("bench: scaling series", flush=True)
-        for series, names in (("size", SIZE_SERIES), ("layers", LAYER_SERIES)):
+        for series, names in (("size", _names(self.args.size_series)),
+                              ("layers", _names(self.args.layer_series))):
             for n in names:
                 for name in (ours, "lower-bound"):
+                    done = [r for r in self.runs if r.image == n and r.contender == name
+                            and r.extra.get("series") == "main" and r.ok]
+                    if done:
+                        # Measured in the main rounds already: the scaling table takes those.
+                        for r in done:
+                            copy = RunResult(**{k: getattr(r, k) for k in r.__slots__})
+                            copy.extra = dict(r.extra, series=series, reused=True)
+                            self.runs.append(copy)
+                        continue
                     self.run(self.images[n], name, 1, series=series)
         # Download throughput vs concurrency: `rootfs-export pull` into a fresh cache.
-        img = self.images["l16"]
+        img = self.images[self.args.concurrency_image]
         for conc in CONCURRENCY:
             work = self.ctx.work_root / f"pull-{conc}"
             res = run_phases(img.name, f"pull-c{conc}", 1,
@@ -216,7 +260,7 @@ class Bench:
                   f"{'ok' if res.ok else 'FAILED: ' + res.error.splitlines()[0][:160]}",
                   flush=True)
         # One stream: a single-layer image, pulled alone, against curl of the same blob.
-        one = self.images["l1"]
+        one = self.images[self.args.stream_image]
         for label, phase in (
             ("pull-single", pull_phase(self.ctx, one, self.ctx.work_root / "single/cache", 1)),
             ("curl-single", Phase("download", ["curl", "-sf", "-o",
@@ -239,6 +283,7 @@ class Bench:
         doc = {
             "started": self.started, "versions": self.versions,
             "args": {k: str(v) for k, v in vars(self.args).items()},
+            "rounds_done": self.rounds_done,
             "images": {n: {"description": i.description, "layers": len(i.layers),
                            "compression": i.compression, "compressed_bytes": i.compressed_bytes,
                            "uncompressed_bytes": i.uncompressed_bytes,
@@ -261,8 +306,10 @@ def main(argv: list[str] | None = None) -> int:
               "need root and will fail", file=sys.stderr)
     base = args.bench_dir or bench_dir()
     os.environ["ROOTFS_EXPORT_BENCH_DIR"] = str(base)
-    names = [n.strip() for n in args.images.split(",") if n.strip()]
-    unknown = [n for n in names if n not in ALL_IMAGES]
+    names = _names(args.images)
+    series = _names(args.size_series) + _names(args.layer_series) + [
+        args.concurrency_image, args.stream_image]
+    unknown = [n for n in names + series if n not in ALL_IMAGES]
     if unknown:
         raise SystemExit(f"bench: unknown image(s) {', '.join(unknown)}; known: "
                          f"{', '.join(ALL_IMAGES)}")
@@ -275,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     scaling = not args.no_scaling
     wanted = [] if args.scaling_only else list(names)
     if scaling:
-        wanted += [n for n in SIZE_SERIES + LAYER_SERIES if n not in wanted]
+        wanted += [n for n in series if n not in wanted]
     images = {n: ensure_built(n, base) for n in wanted}
 
     warm_root = base / "warm"
@@ -307,9 +354,19 @@ def main(argv: list[str] | None = None) -> int:
             cleanup_workdir(work_root)
             cleanup_workdir(warm_root)
             bench.save()
+    if args.profile and not args.build_only:
+        from bench import profile
+
+        method = report.default_ours(bench.runs).removeprefix("ours-")
+        try:
+            profile.main(["--image", "b", "--method", method, "--results", str(args.results)])
+        except (SystemExit, Exception) as exc:  # noqa: BLE001 - the tables matter more
+            print(f"bench: profile failed: {exc}", flush=True)
     elapsed = time.monotonic() - t0
     doc = json.loads((args.results / "results.json").read_text())
-    md, summary = report.render(doc, elapsed)
+    doc["elapsed"] = elapsed
+    (args.results / "results.json").write_text(json.dumps(doc, indent=1))
+    md, summary = report.render(doc, elapsed, args.results)
     (args.results / "RESULTS.md").write_text(md)
     report.chart(doc, args.results / "bench.png")
     print(summary)
