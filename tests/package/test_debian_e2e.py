@@ -142,3 +142,40 @@ def _check_image(method: str, exported: Any, debian_image: Any, tmp_path: Path) 
 def test_debian_image_to_ext4(method: str, exported: Any, debian_image: Any,
                               tmp_path: Path) -> None:
     _check_image(method, exported, debian_image, tmp_path)
+
+
+def test_debian_stream_export_is_byte_reproducible(exported: Any, debian_image: Any,
+                                                   tmp_path: Path) -> None:
+    from worker.settings import load_settings
+
+    first_out, first = exported("stream")
+    # a fresh cache and another output path: nothing shared but the image digest and options
+    out = tmp_path / "again.ext4"
+    request = ExportRequest(image=debian_image.digest_reference, output=str(out),
+                            ext4=Ext4Options(method=Ext4Method.STREAM))
+    again = export(request, load_settings(cache_dir=tmp_path / "cache"))
+    assert again.sha256 == first.sha256
+    assert again.extra["uuid"] == first.extra["uuid"]
+    # a file keeps the mtime the image gave it
+    out_listing = debian_image.listing["usr/bin/python3.11"]
+    st = subprocess.run(["debugfs", "-R", "stat /usr/bin/python3.11", str(out)],
+                        capture_output=True, text=True, check=True).stdout
+    assert f"mtime: 0x{out_listing['mtime']:08x}" in st
+
+
+def test_debian_compat_shrunk_image(debian_image: Any, tmp_path: Path) -> None:
+    from worker.settings import load_settings
+
+    out = tmp_path / "small.ext4"
+    request = ExportRequest(image=debian_image.reference, output=str(out),
+                            ext4=Ext4Options(features="compat", shrink=True, min_free=32 << 20,
+                                             headroom=0.0, label="deb-compat"))
+    result = export(request, load_settings(cache_dir=tmp_path / "cache"))
+    assert fsck(out).returncode == 0
+    features = set(result.extra["features"])
+    assert not features & {"metadata_csum_seed", "orphan_file"}
+    assert result.extra["free_blocks"] * 4096 >= 32 << 20
+    assert result.extra["label"] == "deb-compat"
+    assert out.stat().st_size % (2 << 20) == 0
+    used = sum(e["size"] or 0 for e in debian_image.entries if e["type"] == "file")
+    assert out.stat().st_size < used * 1.6 + (64 << 20)

@@ -152,6 +152,11 @@ def test_same_input_and_options_give_identical_bytes(tmp_path: Path) -> None:
     assert stat_times(tmp_path / "a.ext4", "/home/user")["mtime"] == 1_600_000_000
     sb = dumpe2fs(tmp_path / "a.ext4")
     assert sb["Filesystem created"] == "Wed Jan  1 00:00:00 2020"
+    # the dir method too: the staging tree's build-time atimes and ctimes do not leak in
+    e = build(plan, locate, tmp_path / "e.ext4", method="dir")
+    f = build(plan, locate, tmp_path / "f.ext4", method="dir")
+    assert e.sha256 == f.sha256
+    assert stat_times(tmp_path / "e.ext4", "/etc/passwd")["ctime"] == 1_234_567_890
     # another image digest or other options: another UUID (and bytes)
     c = build(plan, locate, tmp_path / "c.ext4", identity="sha256:" + "cd" * 32)
     d = build(plan, locate, tmp_path / "d.ext4", label="other")

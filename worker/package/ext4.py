@@ -4,15 +4,38 @@ Three methods produce equivalent trees (see :class:`~worker.export.Ext4Method`):
 
 ``stream``
     the flattened tar is written by ``write_tar`` (in a thread) into the stdin of
-    ``mke2fs -t ext4 -d - IMAGE``; rootless, one pass (e2fsprogs >= 1.47.1).
+    ``mke2fs -t ext4 -d - IMAGE``; rootless, one pass (e2fsprogs >= 1.47.1). What mke2fs gets
+    wrong is put right with one debugfs script afterwards: it keeps only the
+    ``security.capability`` xattr (the others are set with ``ea_set``) and gives a hardlinked
+    inode the metadata of the last hardlink header (the owner entry's is restored). Holes stay
+    holes (mke2fs skips zero blocks), device nodes, FIFOs, setuid bits, mode-0000 files,
+    hardlinked symlinks and uids above 2^31 are kept as they are. Limits: sub-second mtimes
+    are truncated to seconds, atime/ctime are 0 (the tar carries none), and filling one
+    directory is quadratic in its size (see :data:`STREAM_DIR_LIMIT`).
 ``mount``
     an empty filesystem is loop-mounted (``nosuid,nodev,noexec``) and ``write_dir`` applies the
-    plan into the mount point; root only.
+    plan into the mount point; root only. Unmounted and detached on every path. The kernel's
+    journal and ctimes make it the one method whose bytes are not reproducible.
 ``dir``
-    ``write_dir`` applies the plan into a private staging directory, then ``mke2fs -d DIR``.
+    ``write_dir`` applies the plan into a private staging directory (0700, inside the work
+    directory next to the output), then ``mke2fs -d DIR``; debugfs then sets the root's
+    metadata, relinks hardlinked symlinks (mke2fs copies them apart) and fixes atime/ctime
+    (taken from the staging tree). As non-root it also restores every owner, mode, device
+    node and xattr, so only paths debugfs cannot name (a newline) are lost: warned about, and
+    refused with ``--strict``.
+
+Reproducibility: the UUID and directory hash seed are uuid5 of the identity (manifest digest)
+and the options; every e2fsprogs tool runs with a fixed clock (``E2FSPROGS_FAKE_TIME``,
+``E2FSCK_TIME``), our own mke2fs.conf and an explicit feature list, so the stream and dir
+methods give byte-identical images for the same identity and options (``--shrink`` included).
+
+Sizing (sizing.py): content blocks and inodes from the plan, plus the filesystem's own overhead
+measured by formatting an empty filesystem of the candidate size with the same options; then
+headroom, 0% reserved blocks, 4 KiB blocks, size rounded up to the alignment (2 MiB).
 
 The image is written to a temporary name next to ``request.output`` and renamed on success;
-any failure (or cancel) removes it, the staging directory and any mount / loop device.
+any failure (or cancel, or KeyboardInterrupt) removes it, the staging directory and any
+mount / loop device.
 """
 
 from __future__ import annotations
@@ -199,7 +222,7 @@ def build_ext4(plan: FlatPlan, request: ExportRequest, settings: Settings, *,
         else:
             _build_dir(mkfs, image, fs_bytes, work, write_dir, plan, cancel)
             _debugfs_fixups(image, plan, xattrs=False, hardlinks=False, root=True,
-                            symlink_links=True)
+                            symlink_links=True, times=True)
         timings["package"] = time.monotonic() - t0
         _check_cancel(cancel)
 
@@ -553,8 +576,14 @@ def _metadata_commands(target: str, entry: IndexEntry) -> list[str]:
             f"sif {quoted} gid {entry.gid}", f"sif {quoted} mtime @{int(entry.mtime)}"]
 
 
+def _time_commands(target: str, entry: IndexEntry) -> list[str]:
+    quoted = debugfs_quote(target)
+    mtime = int(entry.mtime)
+    return [f"sif {quoted} atime @{mtime}", f"sif {quoted} ctime @{mtime}"]
+
+
 def _debugfs_fixups(image: Path, plan: FlatPlan, *, xattrs: bool, hardlinks: bool,
-                    root: bool, symlink_links: bool = False) -> None:
+                    root: bool, symlink_links: bool = False, times: bool = False) -> None:
     """Put back, with one debugfs script, what ``mke2fs -d`` gets wrong or drops.
 
     ``xattrs``: ``mke2fs -d -`` keeps only security.capability; set the others.
@@ -562,6 +591,8 @@ def _debugfs_fixups(image: Path, plan: FlatPlan, *, xattrs: bool, hardlinks: boo
     the inode's metadata is its owner entry's (as the mount and dir methods produce).
     ``root``: ``mke2fs -d DIR`` does not copy the source directory's own metadata to the root.
     ``symlink_links``: ``mke2fs -d DIR`` copies hardlinked symlinks as separate inodes; relink.
+    ``times``: ``mke2fs -d DIR`` copies the staging tree's atime and ctime (the time of the
+    build); set both to the entry's mtime so the same input gives the same bytes.
     """
     commands: list[str] = []
     if symlink_links:
@@ -571,6 +602,8 @@ def _debugfs_fixups(image: Path, plan: FlatPlan, *, xattrs: bool, hardlinks: boo
             owner = planned.link_to
             if owner is not None and kinds.get(owner) == EntryKind.SYMLINK:
                 path = debugfs_quote("/" + planned.path)
+                if times:   # the freed duplicate inode keeps its times: make them fixed too
+                    commands += _time_commands("/" + planned.path, planned.entry)
                 commands += [f"rm {path}", f"ln {debugfs_quote('/' + owner)} {path}"]
                 names[owner] = names.get(owner, 1) + 1
         commands += [f"sif {debugfs_quote('/' + owner)} links_count {n}"
@@ -584,6 +617,8 @@ def _debugfs_fixups(image: Path, plan: FlatPlan, *, xattrs: bool, hardlinks: boo
             target = "/" if planned.path == "." else "/" + planned.path
             if (root and planned.path == ".") or planned.path in linked:
                 commands.extend(_metadata_commands(target, planned.entry))
+            if times and debugfs_addressable(planned.path):
+                commands.extend(_time_commands(target, planned.entry))
             if not xattrs:
                 continue
             for name, value in planned.entry.xattrs:
@@ -689,6 +724,7 @@ def _restore_unprivileged(image: Path, plan: FlatPlan, missing: set[str]) -> Non
                 commands += [f"cd {debugfs_quote('/' + parent)}",
                              f"mknod {debugfs_quote(name)} {spec}", "cd /"]
             commands.extend(_metadata_commands(target, e))
+            commands.extend(_time_commands(target, e))
             for i, (name, value) in enumerate(e.xattrs):
                 vfile = os.path.join(tmp, f"{len(commands)}-{i}")
                 with open(vfile, "wb") as f:
