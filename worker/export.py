@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -193,9 +194,6 @@ def _check_request(request: ExportRequest) -> None:
         raise ConfigError("-o - (standard output) is only possible with --format tar")
     if not request.output:
         raise ConfigError("no output path given")
-    if request.adds:
-        # The add layer (worker.package.adds) is not part of this build yet.
-        raise ConfigError("--add is not supported by this build yet")
 
 
 def _finish(result: ExportResult, request: ExportRequest, progress: ProgressCallback) -> None:
@@ -209,33 +207,63 @@ def _build(resolved: ResolvedImage, layers: list[LayerIndex], request: ExportReq
            settings: Settings, *, progress: ProgressCallback,
            cancel: threading.Event | None, timings: dict[str, float]) -> ExportResult:
     from worker.cache.blobs import BlobCache
-    from worker.flatten.dirout import apply_plan, write_dir
-    from worker.flatten.plan import check_plan_limits, plan_layers
-    from worker.flatten.tarout import write_tar, write_tar_file
 
     _check_request(request)
     if len(layers) != len(resolved.layers):
         raise LayerError(f"{len(layers)} layer indexes for an image with "
                          f"{len(resolved.layers)} layers")
     _check_cancel(cancel)
+    cache = BlobCache(settings.cache_dir)
+    scratch = contextlib.ExitStack()
+    try:
+        return _build_with(resolved, layers, request, settings, progress=progress,
+                           cancel=cancel, timings=timings, cache=cache, scratch=scratch)
+    finally:
+        scratch.close()
+
+
+def _build_with(resolved: ResolvedImage, layers: list[LayerIndex], request: ExportRequest,
+                settings: Settings, *, progress: ProgressCallback,
+                cancel: threading.Event | None, timings: dict[str, float],
+                cache: Any, scratch: contextlib.ExitStack) -> ExportResult:
+    from worker.flatten.dirout import apply_plan, write_dir
+    from worker.flatten.plan import check_plan_limits, plan_layers
+    from worker.flatten.tarout import write_tar, write_tar_file
+
     t = time.monotonic()
-    progress(ProgressEvent(phase=Phase.APPLY, layers_total=len(layers),
+    all_layers = list(layers)
+    identity = resolved.manifest_digest
+    add_index: LayerIndex | None = None
+    add_path: Path | None = None
+    if request.adds:
+        # --add: one more (uncompressed, local) layer on top, through the same planner.
+        from worker.package.adds import adds_layer
+
+        tmpdir = scratch.enter_context(tempfile.TemporaryDirectory(prefix="add-layer-",
+                                                                   dir=cache.tmp_dir))
+        add_index, add_path = adds_layer(request.adds, tmpdir)
+        all_layers.append(add_index)
+        identity = f"{identity}+{add_index.diff_id}"
+    progress(ProgressEvent(phase=Phase.APPLY, layers_total=len(all_layers),
                            message="planning the flattened tree"))
-    plan = plan_layers(layers, max_path_length=settings.max_path_length)
+    plan = plan_layers(all_layers, max_path_length=settings.max_path_length)
     check_plan_limits(plan, max_uncompressed_bytes=settings.max_uncompressed_bytes,
                       max_entries=settings.max_entries, max_path_length=settings.max_path_length)
     timings["plan"] = time.monotonic() - t
 
-    cache = BlobCache(settings.cache_dir)
     holds = [contextlib.ExitStack() for _ in layers]
 
     def locate(layer: LayerIndex) -> Path:
-        return cache.path(layer.digest)
+        if layer is add_index and add_path is not None:
+            return add_path
+        return Path(cache.path(layer.digest))
 
     # An image may use one blob at several positions: it goes once its last use is read.
     last_use = {layer.digest: i for i, layer in enumerate(layers)}
 
     def layer_done(i: int) -> None:
+        if i >= len(layers):          # the --add layer: not in the cache
+            return
         holds[i].close()
         if request.low_disk and last_use[layers[i].digest] == i:
             # Another job reading the same blob holds a shared lock: leave it to that job.
@@ -285,7 +313,7 @@ def _build(resolved: ResolvedImage, layers: list[LayerIndex], request: ExportReq
                                on_layer_done=layer_done)
                 dir_warnings.extend(r.warnings)
 
-            build = build_ext4(plan, request, settings, identity=resolved.manifest_digest,
+            build = build_ext4(plan, request, settings, identity=identity,
                                write_tar=tar_writer, write_dir=dir_writer, progress=progress,
                                cancel=cancel)
             output, size, sha = str(build.output), build.output_size, build.sha256

@@ -274,3 +274,29 @@ def test_low_disk_leaves_a_blob_another_job_is_reading(small_image: Any, setting
                                                      str(tmp_path / "o.tar"), OutputFormat.TAR,
                                                      low_disk=True), settings)
     assert cache.has(layers[0].digest) and not cache.has(layers[1].digest)
+
+
+def test_add_local_files_on_top_in_dir_and_tar(small_image: Any, tmp_path: Path) -> None:
+    src = tmp_path / "agent"
+    (src / "bin").mkdir(parents=True)
+    (src / "bin/init").write_text("#!/bin/sh\n")
+    os.chmod(src / "bin/init", 0o755)
+    cfg = tmp_path / "motd"
+    cfg.write_text("added\n")
+    outs = {}
+    for fmt in ("dir", "tar"):
+        out = tmp_path / f"out.{fmt}"
+        rc, stdout, err = run_export(small_image.reference, out, fmt, tmp_path / "cache",
+                                     "--add", f"{src}:/opt/agent", "--add", f"{cfg}:/etc/motd",
+                                     "--add-owner", "1000:1000")
+        assert rc == 0, err
+        outs[fmt] = dir_listing(out)[0] if fmt == "dir" else tar_listing(out)[0]
+    assert outs["dir"] == outs["tar"]
+    assert outs["dir"]["etc/motd"][2:4] == (1000, 1000)
+    assert outs["dir"]["opt/agent/bin/init"][1] == 0o755
+    assert (tmp_path / "out.dir/etc/motd").read_text() == "added\n"
+    assert "usr/bin/tool" in outs["dir"]
+    rc, _, err = run_export(small_image.reference, tmp_path / "bad", "dir", tmp_path / "cache",
+                            "--add", f"{cfg}:/../../escape")
+    assert rc != 0 and "escape" in err
+    assert not (tmp_path / "bad").exists() and not (tmp_path.parent / "escape").exists()

@@ -7,7 +7,6 @@ import json
 import sys
 import threading
 import time
-from pathlib import Path
 from typing import TextIO
 
 from worker.commands.common import (
@@ -43,24 +42,9 @@ def _headroom(text: str | None) -> tuple[float | None, int | None]:
 
 
 def _adds(args: argparse.Namespace) -> tuple[AddSpec, ...]:
-    adds = []
-    mode = None
-    if args.add_mode:
-        try:
-            mode = int(args.add_mode, 8)
-        except ValueError:
-            raise ConfigError(f"--add-mode: {args.add_mode!r} is not an octal mode") from None
-    try:
-        uid_s, _, gid_s = args.add_owner.partition(":")
-        uid, gid = int(uid_s), int(gid_s or uid_s)
-    except ValueError:
-        raise ConfigError(f"--add-owner: {args.add_owner!r} is not UID:GID") from None
-    for spec in args.add:
-        src, sep, dest = spec.rpartition(":")
-        if not sep or not src or not dest.startswith("/"):
-            raise ConfigError(f"--add: {spec!r} is not SRC:/ABSOLUTE/DEST")
-        adds.append(AddSpec(Path(src), dest, mode, uid, gid))
-    return tuple(adds)
+    from worker.package.adds import parse_add
+
+    return tuple(parse_add(spec, mode=args.add_mode, owner=args.add_owner) for spec in args.add)
 
 
 def request_from_args(args: argparse.Namespace) -> ExportRequest:
