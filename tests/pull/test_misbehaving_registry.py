@@ -503,3 +503,12 @@ def test_two_processes_download_a_blob_once(fake_registry: FakeServer, fast: Any
     assert [p.returncode for p in procs] == [0, 0]
     assert outs == [layer.diff_id, layer.diff_id]
     assert len(fake_registry.requests_to(f"/blobs/{img.layer_digests[0]}")) == 1
+
+
+def test_dropped_config_download_is_retried(fake_registry: FakeServer, fast: Any) -> None:
+    img = fake_registry.add_image("app", "v1", [gz_layer(1, 100)])
+    config_digest = json.loads(img.manifest_body)["config"]["digest"]
+    fake_registry.drop_after[config_digest] = 10
+    r = resolve(img.reference, None, fast)
+    assert r.config_descriptor.digest == config_digest
+    assert len(fake_registry.requests_to(f"/blobs/{config_digest}")) == 2

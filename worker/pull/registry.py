@@ -137,6 +137,27 @@ class RegistryClient:
                             status=status, url=url, transient=status >= 500 or status == 429)
 
     # -- manifests -------------------------------------------------------------------------
+    def _get_small(self, url: str, *, what: str, image: str, limit: int,
+                   cancel: threading.Event | None, headers: dict[str, str] | None = None,
+                   not_found: type[RegistryError] = RegistryError) -> tuple[bytes, str]:
+        """GET a small document into memory (body, content type), retrying dropped bodies."""
+        attempt = 0
+        while True:
+            resp = self._get(url, what=what, image=image, cancel=cancel, headers=headers,
+                             stream=True)
+            with resp:
+                self._raise_for(resp, what=what, image=image, not_found=not_found)
+                try:
+                    body = _read_limited(resp, limit, what=f"{image}: {what}")
+                except RegistryError as exc:
+                    if not exc.transient or attempt >= self.settings.retries:
+                        raise
+                    attempt += 1
+                    log.info("%s: %s, retrying", what, exc)
+                    sleep(backoff_delay(attempt - 1, self.settings), cancel)
+                    continue
+                return body, resp.headers.get("Content-Type", "")
+
     def get_manifest(self, ref: Reference, target: str | None = None, *,
                      cancel: threading.Event | None = None) -> tuple[bytes, str, str]:
         """Fetch a manifest or index: (body, content type, sha256 digest of the body).
@@ -145,15 +166,10 @@ class RegistryClient:
         """
         target = target or ref.target
         image = str(ref)
-        url = self._url(ref, "manifests", target)
-        resp = self._get(url, what=f"manifest {target}", image=image, cancel=cancel,
-                         headers={"Accept": ", ".join(MANIFEST_ACCEPT)}, stream=True)
-        with resp:
-            self._raise_for(resp, what=f"manifest {target}", image=image,
-                            not_found=ManifestNotFound)
-            limit = self.settings.max_manifest_bytes
-            body = _read_limited(resp, limit, what=f"{image}: manifest {target}")
-            content_type = resp.headers.get("Content-Type", "")
+        body, content_type = self._get_small(
+            self._url(ref, "manifests", target), what=f"manifest {target}", image=image,
+            limit=self.settings.max_manifest_bytes, cancel=cancel,
+            headers={"Accept": ", ".join(MANIFEST_ACCEPT)}, not_found=ManifestNotFound)
         digest = sha256_digest(body)
         if target.startswith("sha256:") and digest != target:
             raise DigestMismatch(f"{image}: manifest", target, digest)
@@ -166,11 +182,9 @@ class RegistryClient:
         if desc.size > max_bytes:
             raise RegistryError(f"{image}: {what} {desc.digest} is {desc.size} bytes, more "
                                 f"than the {max_bytes} allowed", image=image)
-        resp = self._get(self._url(ref, "blobs", desc.digest), what=f"{what} {desc.digest}",
-                         image=image, cancel=cancel, stream=True)
-        with resp:
-            self._raise_for(resp, what=f"{what} {desc.digest}", image=image)
-            body = _read_limited(resp, max_bytes, what=f"{image}: {what} {desc.digest}")
+        body, _ = self._get_small(self._url(ref, "blobs", desc.digest),
+                                  what=f"{what} {desc.digest}", image=image,
+                                  limit=max(desc.size, 1), cancel=cancel)
         actual = sha256_digest(body)
         if actual != desc.digest:
             raise DigestMismatch(f"{image}: {what}", desc.digest, actual)
