@@ -339,6 +339,26 @@ def test_mount_method_failure_unmounts_and_detaches(tmp_path: Path, failure: Bas
     _no_partial(tmp_path, "fail.ext4")
 
 
+@needs_loop
+def test_mount_method_cancel_mid_apply_cleans_up(tmp_path: Path) -> None:
+    plan, locate = make_plan(tmp_path, [[file(f"f{i}", os.urandom(256 << 10)) for i in range(16)]])
+    cancel = threading.Event()
+    seen: list[Path] = []
+
+    def canceling(target: Path) -> None:
+        from worker.flatten.dirout import apply_plan
+        seen.append(target)
+        cancel.set()     # as if the user pressed cancel while the writer runs
+        apply_plan(plan, target, locate, cancel=cancel)
+
+    with pytest.raises(Canceled):
+        build(plan, locate, tmp_path / "c.ext4", method="mount", write_dir_fn=canceling,
+              cancel=cancel)
+    assert seen and not os.path.exists(seen[0])
+    assert leftovers("c.ext4") == [] and leftovers(str(seen[0].parent)) == []
+    _no_partial(tmp_path, "c.ext4")
+
+
 def test_dir_method_failure_removes_staging(tmp_path: Path) -> None:
     plan, locate = make_plan(tmp_path, rich_layers())
     seen: list[Path] = []
@@ -421,6 +441,12 @@ def test_conflicting_or_impossible_requests(tmp_path: Path) -> None:
         build(plan, locate, Path("-"))
     with pytest.raises(PackagingError, match="does not exist"):
         build(plan, locate, tmp_path / "no-such-dir" / "x.ext4")
+    (tmp_path / "a-dir").mkdir()
+    with pytest.raises(PackagingError, match="is a directory"):
+        build(plan, locate, tmp_path / "a-dir")
+    # an existing image is replaced, atomically
+    (tmp_path / "old.ext4").write_bytes(b"old")
+    assert build(plan, locate, tmp_path / "old.ext4").output_size > 3
 
 
 def test_progress_reports_package_and_check_phases(tmp_path: Path) -> None:

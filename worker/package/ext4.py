@@ -194,6 +194,8 @@ def build_ext4(plan: FlatPlan, request: ExportRequest, settings: Settings, *,
     _check_cancel(cancel)
     if not out.parent.is_dir():
         raise PackagingError(f"cannot write {out}: directory {out.parent} does not exist")
+    if out.is_dir() and not out.is_symlink():
+        raise PackagingError(f"cannot write the ext4 image to {out}: it is a directory")
 
     needs = content_needs(plan)
     free_target = headroom_bytes(needs, fraction, min_free)
