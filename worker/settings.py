@@ -11,10 +11,11 @@ import os
 import socket
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import Field, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings.exceptions import SettingsError
 
 from worker.errors import ConfigError
 
@@ -42,7 +43,8 @@ class Settings(BaseSettings):
                              description="where the service writes job outputs")
 
     # -- registry transport ----------------------------------------------------------------
-    insecure_registries: list[str] = Field(default_factory=list,
+    # NoDecode: a plain "a:5000,b" must reach the splitting validator, not the JSON decoder.
+    insecure_registries: Annotated[list[str], NoDecode] = Field(default_factory=list,
                                            description="hosts reached over plain HTTP")
     connect_timeout: float = Field(default=10.0, gt=0)
     read_timeout: float = Field(default=60.0, gt=0)
@@ -78,7 +80,10 @@ class Settings(BaseSettings):
     @classmethod
     def _split_hosts(cls, value: Any) -> Any:
         # Accept "a:5000,b" as well as a JSON list, since people export plain strings.
-        if isinstance(value, str) and not value.lstrip().startswith("["):
+        if isinstance(value, str):
+            if value.lstrip().startswith("["):
+                import json
+                return json.loads(value)
             return [h.strip() for h in value.split(",") if h.strip()]
         return value
 
@@ -101,6 +106,8 @@ def load_settings(**overrides: Any) -> Settings:
             var = ENV_PREFIX + field.split(".")[0].upper()
             problems.append(f"{var}: {err['msg']}")
         raise ConfigError("invalid configuration: " + "; ".join(problems)) from None
+    except SettingsError as exc:
+        raise ConfigError(f"invalid configuration: {exc}") from None
 
 
 @lru_cache(maxsize=1)

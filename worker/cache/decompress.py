@@ -7,6 +7,7 @@ are raised, never swallowed.
 
 from __future__ import annotations
 
+import types
 import zlib
 from collections.abc import Callable, Iterator
 
@@ -14,10 +15,11 @@ import zstandard
 
 from worker.errors import CorruptLayer
 
+_zlib: types.ModuleType
 try:  # isal is ~2x faster than zlib for inflate; same API
     from isal import isal_zlib as _zlib
 except ImportError:  # pragma: no cover - depends on the installation
-    _zlib = zlib  # type: ignore[no-redef]
+    _zlib = zlib
 
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
