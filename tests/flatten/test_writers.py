@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import io
 import os
+import subprocess
 import tarfile
 import threading
 from pathlib import Path
@@ -171,3 +172,26 @@ def test_unwritable_output_location_is_a_clear_error(tmp_path: Path) -> None:
         write_tar_file(plan, tmp_path / "file" / "t.tar", locate)
     with pytest.raises(PackagingError, match="cannot create"):
         write_dir(plan, tmp_path / "file" / "d", locate)
+
+
+def test_very_deep_trees_are_written_and_removed(tmp_path: Path) -> None:
+    from worker.flatten.dirout import remove_tree
+
+    deep = "/".join(["a"] * 1500)          # deeper than Python's recursion limit
+    plan, locate = local_plan(tmp_path / "cache", [Layer.from_entries(
+        [file(deep + "/f", "x"), directory(deep + "/ro", mode=0o000), file(deep + "/ro/g", "y"),
+         symlink(deep + "/out", "/etc")])])
+    write_dir(plan, tmp_path / "d", locate)
+    write_tar_file(plan, tmp_path / "t.tar", locate)
+    (tmp_path / "x").mkdir()
+    subprocess.run(["tar", "-xf", str(tmp_path / "t.tar"), "-C", str(tmp_path / "x")],
+                   check=True)
+
+    def find(d: Path) -> str:   # os.walk recurses; find does not
+        return subprocess.run(f"cd {d} && find . -printf '%P %y %m %s %l\\n' | sort",
+                              shell=True, check=True, capture_output=True, text=True).stdout
+    got = find(tmp_path / "d")
+    assert got == find(tmp_path / "x") and len(got.splitlines()) == 1505   # root, 1500 dirs, f, ro, ro/g, out
+    assert f"{deep}/ro d 0 " in got and f"{deep}/out l 777 4 /etc" in got
+    remove_tree(tmp_path / "d")
+    assert not (tmp_path / "d").exists() and os.path.exists("/etc")

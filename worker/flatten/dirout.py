@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import shutil
 import stat
 import tempfile
 import threading
@@ -79,21 +78,30 @@ class _Dirs:
         if fd is not None:
             self._fds.move_to_end(path)
             return fd
-        parent, name = _split(path)
-        pfd = self.get(parent)
-        try:
-            fd = os.open(name, _DIR_FLAGS, dir_fd=pfd)
-        except OSError as exc:
-            if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-                raise UnsafeLayerEntry("is not a directory in the output (a symlink or file "
-                                       "appeared where the plan has a directory); refusing "
-                                       "to follow it", path=path) from None
-            raise
-        self._fds[path] = fd
-        while len(self._fds) > self.size:
+        # Start from the deepest ancestor already open (iteratively: trees can be deep).
+        comps = path.split("/")
+        start, cur = 0, self.root_fd
+        for i in range(len(comps) - 1, 0, -1):
+            anc = self._fds.get("/".join(comps[:i]))
+            if anc is not None:
+                start, cur = i, anc
+                break
+        for i in range(start, len(comps)):
+            try:
+                nfd = os.open(comps[i], _DIR_FLAGS, dir_fd=cur)
+            except OSError as exc:
+                if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                    raise UnsafeLayerEntry("is not a directory in the output (a symlink or "
+                                           "file appeared where the plan has a directory); "
+                                           "refusing to follow it",
+                                           path="/".join(comps[:i + 1])) from None
+                raise
+            self._fds["/".join(comps[:i + 1])] = nfd
+            cur = nfd
+        while len(self._fds) > self.size:     # the fd just opened is the newest: kept
             _, old = self._fds.popitem(last=False)
             os.close(old)
-        return fd
+        return cur
 
     def close(self) -> None:
         for fd in self._fds.values():
@@ -345,21 +353,41 @@ def apply_plan(plan: FlatPlan, target: str | Path, locate: BlobLocator, *,
 
 
 def remove_tree(path: str | Path) -> None:
-    """Remove a (partial) output tree, read-only directories included; never follows symlinks."""
-    def onerror(func: Callable[..., object], p: str, _exc: object) -> None:
-        parent = os.path.dirname(p)
-        with contextlib.suppress(OSError):
-            if not os.path.islink(parent):
-                os.chmod(parent, 0o700)
-            if os.path.isdir(p) and not os.path.islink(p):
-                os.chmod(p, 0o700)
-        func(p)
-
-    if os.path.lexists(path):
-        if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path, onerror=onerror)
-        else:
-            os.unlink(path)
+    """Remove a (partial) output tree: read-only directories included, symlinks never
+    followed, iteratively through directory descriptors (image trees can be deeper than
+    Python's recursion limit and than PATH_MAX)."""
+    if not os.path.lexists(path):
+        return
+    if os.path.islink(path) or not os.path.isdir(path):
+        os.unlink(path)
+        return
+    with contextlib.suppress(OSError):
+        os.chmod(path, 0o700)
+    stack: list[tuple[int, str]] = [(os.open(path, _DIR_FLAGS), "")]
+    try:
+        while stack:
+            fd = stack[-1][0]
+            child: tuple[int, str] | None = None
+            with os.scandir(fd) as it:
+                for entry in it:
+                    if entry.is_dir(follow_symlinks=False):
+                        # a directory (not a symlink): make it ours to empty, then go down
+                        with contextlib.suppress(OSError):
+                            os.chmod(entry.name, 0o700, dir_fd=fd)
+                        child = (os.open(entry.name, _DIR_FLAGS, dir_fd=fd), entry.name)
+                        break
+                    os.unlink(entry.name, dir_fd=fd)
+            if child is not None:
+                stack.append(child)
+                continue
+            _, name = stack.pop()
+            os.close(fd)
+            if stack:
+                os.rmdir(name, dir_fd=stack[-1][0])
+    finally:
+        for fd, _ in stack:
+            os.close(fd)
+    os.rmdir(path)
 
 
 def write_dir(plan: FlatPlan, output: str | Path, locate: BlobLocator, *,
