@@ -195,3 +195,4 @@ def test_very_deep_trees_are_written_and_removed(tmp_path: Path) -> None:
     assert f"{deep}/ro d 0 " in got and f"{deep}/out l 777 4 /etc" in got
     remove_tree(tmp_path / "d")
     assert not (tmp_path / "d").exists() and os.path.exists("/etc")
+    remove_tree(tmp_path / "x")     # pytest's own cleanup recurses
