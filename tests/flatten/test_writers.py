@@ -174,8 +174,12 @@ def test_unwritable_output_location_is_a_clear_error(tmp_path: Path) -> None:
         write_dir(plan, tmp_path / "file" / "d", locate)
 
 
-def test_very_deep_trees_are_written_and_removed(tmp_path: Path) -> None:
+def test_very_deep_trees_are_written_and_removed(tmp_path: Path,
+                                                 request: pytest.FixtureRequest) -> None:
     from worker.flatten.dirout import remove_tree
+
+    # pytest's own tmp cleanup recurses: never leave a deep tree behind, even on failure
+    request.addfinalizer(lambda: [remove_tree(tmp_path / n) for n in ("d", "x")])
 
     deep = "/".join(["a"] * 1500)          # deeper than Python's recursion limit
     plan, locate = local_plan(tmp_path / "cache", [Layer.from_entries(
@@ -195,4 +199,3 @@ def test_very_deep_trees_are_written_and_removed(tmp_path: Path) -> None:
     assert f"{deep}/ro d 0 " in got and f"{deep}/out l 777 4 /etc" in got
     remove_tree(tmp_path / "d")
     assert not (tmp_path / "d").exists() and os.path.exists("/etc")
-    remove_tree(tmp_path / "x")     # pytest's own cleanup recurses
