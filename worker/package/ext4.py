@@ -56,7 +56,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, BinaryIO, cast
+from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 from worker.cache.index import EntryKind, IndexEntry
 from worker.errors import Canceled, ConfigError, PackagingError, RootfsExportError, ToolMissing
@@ -217,7 +217,7 @@ def build_ext4(plan: FlatPlan, request: ExportRequest, settings: Settings, *,
                                message=f"writing ext4 image ({method} method)"))
         t0 = time.monotonic()
         if method == Ext4Method.STREAM:
-            _build_stream(mkfs, image, fs_bytes, write_tar, plan, progress, cancel)
+            _build_stream(mkfs, image, fs_bytes, write_tar, cancel)
             _debugfs_fixups(image, plan, xattrs=True, hardlinks=True, root=False)
         elif method == Ext4Method.MOUNT:
             _build_mount(mkfs, image, fs_bytes, work, write_dir, cancel)
@@ -474,36 +474,7 @@ def _human(n: int) -> str:
 
 # -- the three methods ---------------------------------------------------------------------------
 
-class _CountingPipe:
-    """The tar writer's file object: mke2fs's stdin, counting bytes for progress."""
-
-    def __init__(self, raw: IO[bytes], plan: FlatPlan, progress: ProgressCallback) -> None:
-        self._raw = raw
-        self._progress = progress
-        self._total = plan.data_bytes
-        self.written = 0
-        self._next_report = 0.0
-
-    def write(self, data: bytes | bytearray | memoryview) -> int:
-        n = self._raw.write(data)
-        self.written += len(data)
-        now = time.monotonic()
-        if now >= self._next_report:
-            self._next_report = now + 0.5
-            self._progress(ProgressEvent(Phase.PACKAGE, bytes_done=min(self.written, self._total),
-                                         bytes_total=self._total,
-                                         message="streaming into mke2fs"))
-        return n if n is not None else len(data)
-
-    def flush(self) -> None:
-        self._raw.flush()
-
-    def writable(self) -> bool:
-        return True
-
-
 def _build_stream(mkfs: list[str], image: Path, fs_bytes: int, write_tar: TarWriter,
-                  plan: FlatPlan, progress: ProgressCallback,
                   cancel: threading.Event | None) -> None:
     """``write_tar`` in a thread -> pipe -> ``mke2fs -d -``; either side failing stops both."""
     argv = [find_tool(mkfs[0]), *mkfs[1:], "-d", "-", str(image), f"{fs_bytes // 1024}k"]
@@ -521,7 +492,8 @@ def _build_stream(mkfs: list[str], image: Path, fs_bytes: int, write_tar: TarWri
 
     def feed() -> None:
         try:
-            write_tar(cast(BinaryIO, _CountingPipe(stdin, plan, progress)))
+            # the writer reports its own progress (bytes read from the layers)
+            write_tar(cast(BinaryIO, stdin))
         except BaseException as exc:   # noqa: BLE001 - handed to the main thread
             writer_error.append(exc)
             with contextlib.suppress(OSError):
