@@ -179,7 +179,10 @@ def test_very_deep_trees_are_written_and_removed(tmp_path: Path,
     from worker.flatten.dirout import remove_tree
 
     # pytest's own tmp cleanup recurses: never leave a deep tree behind, even on failure
-    request.addfinalizer(lambda: [remove_tree(tmp_path / n) for n in ("d", "x")])
+    def cleanup() -> None:
+        for name in ("d", "x"):
+            remove_tree(tmp_path / name)
+    request.addfinalizer(cleanup)
 
     deep = "/".join(["a"] * 1500)          # deeper than Python's recursion limit
     plan, locate = local_plan(tmp_path / "cache", [Layer.from_entries(
