@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -43,7 +44,7 @@ def test_add_layer_goes_on_top_through_the_planner(tmp_path: Path) -> None:
     assert add_index.compression == "none" and add_index.diff_id.startswith("sha256:")
     plan = plan_layers([*plan0.layers, add_index])
 
-    def locate(layer):   # type: ignore[no-untyped-def]
+    def locate(layer: Any) -> Any:
         return add_path if layer is add_index else locate0(layer)
 
     out = tmp_path / "root.ext4"

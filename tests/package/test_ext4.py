@@ -7,6 +7,7 @@ import os
 import stat
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -78,7 +79,7 @@ def listing_of(image: Path, where: Path) -> dict[str, tuple]:
 @needs_loop
 def test_three_methods_build_clean_equivalent_trees(tmp_path: Path) -> None:
     plan, locate = make_plan(tmp_path, rich_layers())
-    listings = {}
+    listings: dict[str, dict[str, tuple]] = {}
     for method in ("stream", "mount", "dir"):
         out = tmp_path / f"{method}.ext4"
         result = build(plan, locate, out, method=method)
@@ -279,7 +280,7 @@ def _no_partial(tmp_path: Path, name: str) -> None:
 def test_stream_writer_failure_surfaces_and_leaves_nothing(tmp_path: Path) -> None:
     plan, locate = make_plan(tmp_path, rich_layers())
 
-    def broken(f) -> None:   # type: ignore[no-untyped-def]
+    def broken(f: Any) -> None:
         f.write(b"\0" * 4096)
         raise OSError("layer vanished")
 
@@ -291,7 +292,7 @@ def test_stream_writer_failure_surfaces_and_leaves_nothing(tmp_path: Path) -> No
 def test_mke2fs_failure_surfaces_its_stderr(tmp_path: Path) -> None:
     plan, locate = make_plan(tmp_path, rich_layers())
 
-    def garbage(f) -> None:   # type: ignore[no-untyped-def]
+    def garbage(f: Any) -> None:
         for _ in range(64):   # more than a pipe holds: mke2fs dies first, no deadlock
             f.write(b"this is not a tar archive " * 4096)
 
@@ -305,7 +306,7 @@ def test_cancel_removes_partial_image(tmp_path: Path) -> None:
     plan, locate = make_plan(tmp_path, rich_layers())
     cancel = threading.Event()
 
-    def slow(f) -> None:   # type: ignore[no-untyped-def]
+    def slow(f: Any) -> None:
         cancel.set()
         import time
         for _ in range(100):
@@ -414,7 +415,7 @@ def test_auto_uses_mount_for_a_huge_directory(tmp_path: Path) -> None:
 def test_lost_found_from_the_image_is_merged(tmp_path: Path) -> None:
     plan, locate = make_plan(tmp_path, [[directory("lost+found", mode=0o700, mtime=1_500_000_000),
                                          file("lost+found/#12", "recovered"), file("a", "a")]])
-    listings = {}
+    listings: dict[str, dict[str, tuple]] = {}
     for method in ("stream", "mount", "dir"):
         out = tmp_path / f"{method}.ext4"
         build(plan, locate, out, method=method)
