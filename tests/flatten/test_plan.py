@@ -203,3 +203,14 @@ def test_root_entry_sets_root_metadata_and_cannot_be_a_file() -> None:
     assert tree(p)["."].entry.mode == 0o700 and not tree(p)["."].implied
     with pytest.raises(UnsafeLayerEntry):
         plan([E(".", K.FILE)])
+
+
+def test_symlink_resolution_work_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    import worker.flatten.plan as planmod
+
+    monkeypatch.setattr(planmod, "MAX_EXPANDED_COMPONENTS", 10_000)
+    lower = [E("l", K.SYMLINK, linkname="/".join(["d"] * 500))]
+    p = plan(lower, [E(f"l/f{i}") for i in range(19)])     # 19 * 500 components: fine
+    assert "/".join(["d"] * 500) + "/f18" in tree(p)
+    with pytest.raises(UnsafeLayerEntry, match="too much work"):
+        plan(lower, [E(f"l/f{i}") for i in range(25)])

@@ -18,7 +18,8 @@ Decisions worth knowing (each has a test in ``tests/flatten``):
   container runtime extracting into a chroot would: absolute targets restart at the root,
   relative ones at the symlink's directory, ``..`` at the root stays at the root (as it does
   in a chroot). More than :data:`MAX_SYMLINKS` expansions for one path (a loop) is an
-  :class:`~worker.errors.UnsafeLayerEntry`. A missing parent is created as an implied directory
+  :class:`~worker.errors.UnsafeLayerEntry`, and so is an image whose symlinks make resolution
+  add more than :data:`MAX_EXPANDED_COMPONENTS` components in total. A missing parent is created as an implied directory
   (mode 0755, root:root); a parent that is a file or a device is replaced by one. The last
   component is never followed.
 * A hardlink shares the inode its target has when the link is applied. If a later layer
@@ -37,6 +38,9 @@ from worker.errors import LayerError, LimitExceeded, UnsafeLayerEntry
 
 #: symlink expansions allowed while resolving one path (Linux uses 40 for ELOOP)
 MAX_SYMLINKS = 40
+#: path components that symlink expansion may add over a whole plan: legitimate images need
+#: a handful; long targets followed by millions of entries would otherwise burn hours of CPU
+MAX_EXPANDED_COMPONENTS = 10_000_000
 
 BLOCK = 4096
 
@@ -157,6 +161,7 @@ class _Planner:
     def __init__(self, layers: Sequence[LayerIndex]) -> None:
         self.layers = layers
         self.root = _Node(-1, _implied_dir("."), implied=True)
+        self.expanded = 0            # components added by symlink expansion so far
 
     # -- errors ----------------------------------------------------------------------------
     def _digest(self, layer: int) -> str | None:
@@ -225,6 +230,11 @@ class _Planner:
                         stack = []
                         node = self.root
                     tcomps = [c for c in target.split("/") if c]
+                    self.expanded += len(tcomps)
+                    if self.expanded > MAX_EXPANDED_COMPONENTS:
+                        raise self.unsafe(layer, path, "resolving parent directories through "
+                                          "symlinks takes too much work in this image (more "
+                                          f"than {MAX_EXPANDED_COMPONENTS} path components)")
                     pending.extend(reversed(tcomps))
                     continue
                 if not create:
