@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+import struct
 import threading
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,11 @@ from tests.support.imagebuilder import (
 from worker.errors import Canceled, ConfigError, PackagingError
 
 CAP = b"\x01\x00\x00\x02\x00\x20\x00\x00" + bytes(12)   # cap_net_raw+ep
+# POSIX ACL in the VFS xattr format: user::rw- user:1000:r-- group::r-- mask::r-- other::---
+ACL = struct.pack("<I", 2) + b"".join(
+    struct.pack("<HHI", tag, perm, ident) for tag, perm, ident in
+    [(1, 6, 0xFFFFFFFF), (2, 4, 1000), (4, 4, 0xFFFFFFFF), (0x10, 4, 0xFFFFFFFF),
+     (0x20, 0, 0xFFFFFFFF)])
 
 
 def rich_layers() -> list[list[TarEntry]]:
@@ -49,6 +55,7 @@ def rich_layers() -> list[list[TarEntry]]:
         file("usr/bin/ping", b"\x7fELF" + bytes(5000), mode=0o4755,
              xattrs={"security.capability": CAP}),
         file("usr/bin/tagged", "x", xattrs={"user.origin": b"layer0", "trusted.t": b"\x00\x01"}),
+        file("srv/shared", "acl", mode=0o640, xattrs={"system.posix_acl_access": ACL}),
         symlink("usr/bin/sh", "dash"),
         symlink("usr/lib-long", "/" + "very-long-target/" * 8),
         hardlink("usr/bin/sh-again", "usr/bin/sh"),
@@ -98,6 +105,7 @@ def test_three_methods_build_clean_equivalent_trees(tmp_path: Path) -> None:
     assert ("security.capability", CAP) in stream["usr/bin/ping"][6]
     assert ("user.origin", b"layer0") in stream["usr/bin/tagged"][6]
     assert ("trusted.t", b"\x00\x01") in stream["usr/bin/tagged"][6]
+    assert ("system.posix_acl_access", ACL) in stream["srv/shared"][6]
     assert stream["dev/null"][0] == stat.S_IFCHR and stream["dev/null"][5] == "1:3"
     assert stream["dev/loop0"][0] == stat.S_IFBLK and stream["dev/loop0"][3] == 6
     assert stream["run/initctl"][0] == stat.S_IFIFO
