@@ -85,6 +85,7 @@ class Sampler:
         self.disk_path = disk_path
         self.baseline_free = _free_bytes(disk_path)
         self.peak_rss = 0
+        self.peak_parts: dict[str, int] = {}
         self.peak_disk = 0
         self._proc: psutil.Process | None = None
         self._lock = threading.Lock()
@@ -106,7 +107,9 @@ class Sampler:
         with self._lock:
             proc = self._proc
         if proc is not None:
-            self.peak_rss = max(self.peak_rss, tree_rss(proc))
+            total, parts = tree_rss(proc)
+            if total > self.peak_rss:
+                self.peak_rss, self.peak_parts = total, parts
         used = self.baseline_free - _free_bytes(self.disk_path)
         self.peak_disk = max(self.peak_disk, used)
 
@@ -122,19 +125,24 @@ class Sampler:
         self._thread.join(timeout=5)
 
 
-def tree_rss(proc: psutil.Process) -> int:
-    """Sum of RSS over ``proc`` and all its descendants (processes that exit are skipped)."""
+def tree_rss(proc: psutil.Process) -> tuple[int, dict[str, int]]:
+    """Sum of RSS over ``proc`` and all its descendants (processes that exit are skipped),
+    and the same split by process name."""
     total = 0
+    parts: dict[str, int] = {}
     try:
         procs = [proc, *proc.children(recursive=True)]
     except psutil.Error:
-        return 0
+        return 0, parts
     for p in procs:
         try:
-            total += p.memory_info().rss
+            rss = p.memory_info().rss
+            name = p.name()
         except psutil.Error:
             continue
-    return total
+        total += rss
+        parts[name] = parts.get(name, 0) + rss
+    return total, parts
 
 
 def _free_bytes(path: Path) -> int:
@@ -183,6 +191,7 @@ def run_phases(image: str, contender: str, rnd: int, phases: Sequence[Phase], wo
     finally:
         sampler.stop()
         result.peak_rss = sampler.peak_rss
+        result.extra["peak_rss_by_process"] = sampler.peak_parts
         result.peak_disk = max(sampler.peak_disk, result.final_disk)
         if not keep_workdir:
             cleanup_workdir(workdir)
