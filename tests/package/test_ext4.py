@@ -401,6 +401,9 @@ def test_auto_prefers_stream_and_avoids_it_when_it_cannot_reproduce(tmp_path: Pa
     odd, _ = make_plan(tmp_path / "odd", [[file("a\nb", "x", xattrs={"user.k": b"v"})]])
     with pytest.raises(PackagingError, match="cannot reproduce"):
         choose_method(odd, Ext4Method.STREAM)
+    linked, _ = make_plan(tmp_path / "linked", [[file("x\ny", "x", mtime=5), hardlink("z", "x\ny")]])
+    with pytest.raises(PackagingError, match="hardlinked"):
+        choose_method(linked, Ext4Method.STREAM)
     if LOOP_SKIP is None:
         assert choose_method(odd, Ext4Method.AUTO)[0] == Ext4Method.MOUNT
 
@@ -450,6 +453,8 @@ def test_conflicting_or_impossible_requests(tmp_path: Path) -> None:
         build(plan, locate, Path("-"))
     with pytest.raises(PackagingError, match="does not exist"):
         build(plan, locate, tmp_path / "no-such-dir" / "x.ext4")
+    with pytest.raises(ConfigError, match="ROOTFS_EXPORT_EXT4_ALIGNMENT"):
+        build(plan, locate, tmp_path / "x.ext4", settings=small_settings(ext4_alignment=1000))
     (tmp_path / "a-dir").mkdir()
     with pytest.raises(PackagingError, match="is a directory"):
         build(plan, locate, tmp_path / "a-dir")

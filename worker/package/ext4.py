@@ -272,15 +272,21 @@ def build_ext4(plan: FlatPlan, request: ExportRequest, settings: Settings, *,
 def stream_blockers(plan: FlatPlan) -> list[str]:
     """Why the stream method cannot reproduce ``plan`` exactly (empty list: it can).
 
-    ``mke2fs -d -`` keeps only the ``security.capability`` xattr; the others are set
-    afterwards with debugfs, which addresses files by path on a line-based script: a path
-    holding a newline cannot be written there.
+    ``mke2fs -d -`` keeps only the ``security.capability`` xattr and gives hardlinked inodes
+    the last link header's metadata; both are put right afterwards with debugfs, which
+    addresses files by path on a line-based script: a path holding a newline cannot be
+    written there.
     """
     problems = []
+    owners = {p.link_to for p in plan.entries if p.link_to is not None}
     for planned in plan.entries:
-        if any(name != "security.capability" for name, _ in planned.entry.xattrs) \
-                and not debugfs_addressable(planned.path):
+        if debugfs_addressable(planned.path):
+            continue
+        if any(name != "security.capability" for name, _ in planned.entry.xattrs):
             problems.append(f"xattrs on {planned.path!r} cannot be set by path with debugfs")
+        if planned.path in owners:
+            problems.append(f"the metadata of hardlinked {planned.path!r} cannot be set by "
+                            "path with debugfs")
     return problems
 
 
