@@ -120,7 +120,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def healthz() -> JSONResponse:
         database = broker = "ok"
         try:
-            with session_scope(url) as s:
+            with session_scope(url, readonly=True) as s:
                 s.execute(text("SELECT 1"))
                 s.execute(select(func.count()).select_from(Export))
         except Exception as exc:

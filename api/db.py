@@ -161,8 +161,12 @@ class BuildTask(Base):
     finished_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
 
 
-def make_engine(url: str) -> Engine:
-    """An engine for ``url`` tuned for many short transactions from several processes."""
+def make_engine(url: str, *, readonly: bool = False) -> Engine:
+    """An engine for ``url`` tuned for many short transactions from several processes.
+
+    On SQLite, ``readonly`` engines begin deferred transactions (WAL readers never wait for the
+    writer); the others take the write lock up front.
+    """
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"timeout": 60, "check_same_thread": False})
 
@@ -180,23 +184,25 @@ def make_engine(url: str) -> Engine:
         def _sqlite_begin(conn: Any) -> None:
             # IMMEDIATE takes the write lock up front: a deferred transaction upgrading to a
             # writer under contention fails at once instead of waiting for the busy timeout.
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            conn.exec_driver_sql("BEGIN" if readonly else "BEGIN IMMEDIATE")
 
         return engine
     return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
 
 
 _lock = threading.Lock()
-_engines: dict[str, tuple[Engine, sessionmaker[Session]]] = {}
+_engines: dict[tuple[str, bool], tuple[Engine, sessionmaker[Session]]] = {}
 
 
-def get_sessionmaker(url: str) -> sessionmaker[Session]:
-    """The process-wide session factory for ``url`` (one engine per URL and process)."""
+def get_sessionmaker(url: str, *, readonly: bool = False) -> sessionmaker[Session]:
+    """The process-wide session factory for ``url`` (one engine per URL, mode and process)."""
+    if not url.startswith("sqlite"):
+        readonly = False        # one pool serves both on servers with row locks
     with _lock:
-        if url not in _engines:
-            engine = make_engine(url)
-            _engines[url] = (engine, sessionmaker(engine, expire_on_commit=False))
-        return _engines[url][1]
+        if (url, readonly) not in _engines:
+            engine = make_engine(url, readonly=readonly)
+            _engines[(url, readonly)] = (engine, sessionmaker(engine, expire_on_commit=False))
+        return _engines[(url, readonly)][1]
 
 
 def dispose_engines() -> None:
@@ -208,9 +214,12 @@ def dispose_engines() -> None:
 
 
 @contextmanager
-def session_scope(url: str) -> Iterator[Session]:
-    """A session in one transaction: committed on success, rolled back on error."""
-    session = get_sessionmaker(url)()
+def session_scope(url: str, *, readonly: bool = False) -> Iterator[Session]:
+    """A session in one transaction: committed on success, rolled back on error.
+
+    ``readonly`` sessions must not write (on SQLite they do not hold the write lock).
+    """
+    session = get_sessionmaker(url, readonly=readonly)()
     try:
         with session.begin():
             yield session

@@ -116,14 +116,14 @@ def job_view(session: Session, job: Export) -> dict[str, Any]:
 
 
 def get_job(url: str, job_id: str) -> dict[str, Any] | None:
-    with session_scope(url) as s:
+    with session_scope(url, readonly=True) as s:
         job = s.get(Export, job_id)
         return job_view(s, job) if job else None
 
 
 def list_jobs(url: str, *, status: str | None, limit: int, offset: int
               ) -> tuple[int, list[dict[str, Any]]]:
-    with session_scope(url) as s:
+    with session_scope(url, readonly=True) as s:
         q = select(Export)
         count_q = select(func.count()).select_from(Export)
         if status:
@@ -158,7 +158,7 @@ def fail_job(url: str, job_id: str, error: str) -> None:
 
 
 def job_is_active(url: str, job_id: str) -> bool:
-    with session_scope(url) as s:
+    with session_scope(url, readonly=True) as s:
         job = s.get(Export, job_id)
         return job is not None and job.status not in TERMINAL
 
@@ -253,7 +253,7 @@ class BuildInfo:
 
 
 def get_build(url: str, build_id: str) -> BuildInfo | None:
-    with session_scope(url) as s:
+    with session_scope(url, readonly=True) as s:
         b = s.get(Build, build_id)
         if b is None:
             return None
@@ -265,7 +265,7 @@ def get_build(url: str, build_id: str) -> BuildInfo | None:
 
 
 def build_is_active(url: str, build_id: str) -> bool:
-    with session_scope(url) as s:
+    with session_scope(url, readonly=True) as s:
         row = s.execute(select(Build.status, Build.cancel_requested)
                         .where(Build.id == build_id)).one_or_none()
         return row is not None and row[0] == RUNNING and not row[1]
@@ -431,7 +431,7 @@ def task_finished(url: str, task_id: str, state: str = TASK_DONE) -> None:
 
 
 def build_tasks(url: str, build_id: str) -> list[dict[str, Any]]:
-    with session_scope(url) as s:
+    with session_scope(url, readonly=True) as s:
         rows = s.execute(select(BuildTask).where(BuildTask.build_id == build_id)
                          .order_by(BuildTask.started_at)).scalars().all()
         return [{"id": r.id, "kind": r.kind, "layer": r.layer, "digest": r.digest,
@@ -461,7 +461,7 @@ def sweep_stale(url: str, stale_seconds: float) -> SweepActions:
     now = utcnow()
     cutoff = now - dt.timedelta(seconds=stale_seconds)
     actions = SweepActions()
-    with session_scope(url) as s:
+    with session_scope(url, readonly=True) as s:
         stale = s.execute(select(BuildTask).where(BuildTask.state == TASK_STARTED,
                                                   BuildTask.heartbeat_at < cutoff)
                           ).scalars().all()

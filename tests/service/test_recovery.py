@@ -69,7 +69,7 @@ def test_whole_fetch_worker_killed_mid_download(stack: Stack, client: httpx.Clie
                 if r["kind"] == "fetch" and r["state"] == "started" and r["layer"] in (0, 1)]
         return view if rows else None
 
-    view = wait_for(downloading, 120, "a layer download to start", interval=0.02,
+    view = wait_for(downloading, 120, "a layer download to start", interval=0.05,
                     on_timeout=stack.logs)
     worker_b.kill_group(signal.SIGKILL)
     worker_b.popen.wait(timeout=10)
@@ -98,7 +98,7 @@ def test_pool_process_killed_mid_package(stack: Stack, client: httpx.Client,
                 if r["kind"] == "package" and r["state"] == "started"]
         return rows[0] if rows and view["phase"] in ("apply", "package") else None
 
-    row = wait_for(packaging, 180, "the package step to start", interval=0.02,
+    row = wait_for(packaging, 180, "the package step to start", interval=0.05,
                    on_timeout=stack.logs)
     os.kill(row["pid"], signal.SIGKILL)
     done = stack.wait_job(client, job["id"], timeout=180)
