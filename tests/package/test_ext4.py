@@ -68,6 +68,8 @@ def rich_layers() -> list[list[TarEntry]]:
         directory("tmp", mode=0o1777),
         file("empty", b""),
         TarEntry("non-utf8-\udcff", "file", data=b"n", name_bytes=b"non-utf8-\xff"),
+        file("usr/share/café/ünïcødé 名前", "utf8", xattrs={"user.é": "ü".encode()}),
+        symlink("usr/share/lien-é", "café/ünïcødé 名前"),
         file("dir with space/\"quoted\" name", "q", xattrs={"user.q": b"v"}),
         directory("ro", mode=0o555),
         file("ro/inside", "still written"),
@@ -113,6 +115,9 @@ def test_three_methods_build_clean_equivalent_trees(tmp_path: Path) -> None:
     assert stream["etc/passwd"][7] == 1_234_567_890
     assert stream["usr/lib-long"][5] == "/" + "very-long-target/" * 8
     assert stream["non-utf8-\udcff"][5] == hashlib.sha256(b"n").hexdigest()
+    assert stream["usr/share/café/ünïcødé 名前"][5] == hashlib.sha256(b"utf8").hexdigest()
+    assert ("user.é", "ü".encode()) in stream["usr/share/café/ünïcødé 名前"][6]
+    assert stream["usr/share/lien-é"][5] == "café/ünïcødé 名前"
     assert stream["ro/inside"][5] == hashlib.sha256(b"still written").hexdigest()
     assert stream["."][1:4] == (0o755, 0, 0) if "." in stream else True
     for method in ("mount", "dir"):
@@ -474,3 +479,22 @@ def test_progress_reports_package_and_check_phases(tmp_path: Path) -> None:
     assert phases.index(Phase.CHECK) > phases.index(Phase.PACKAGE)
     last = [e for e in events if e.phase == Phase.PACKAGE][-1]
     assert last.bytes_done == last.bytes_total == plan.data_bytes > 0
+
+
+def test_stream_reads_utf8_names_from_any_pax_writer(tmp_path: Path) -> None:
+    # A PAX tar from Python's tarfile marks names UTF-8 (no hdrcharset=BINARY): mke2fs's
+    # libarchive must run under a UTF-8 locale to take them.
+    import io
+    import tarfile
+
+    plan, locate = make_plan(tmp_path, [[file("café-ünï", "x")]])
+
+    def plain_pax(f: Any) -> None:
+        with tarfile.open(fileobj=f, mode="w|", format=tarfile.PAX_FORMAT) as tf:
+            info = tarfile.TarInfo("café-ünï")
+            info.size = 1
+            tf.addfile(info, io.BytesIO(b"x"))
+
+    out = tmp_path / "u.ext4"
+    build(plan, locate, out, write_tar_fn=plain_pax)
+    assert "caf\\xc3\\xa9-\\xc3\\xbcn\\xc3\\xaf" in debugfs(out, "ls /")

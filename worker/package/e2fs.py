@@ -1,7 +1,7 @@
 """Thin wrappers around the e2fsprogs tools (mke2fs, e2fsck, resize2fs, dumpe2fs, debugfs).
 
 Every tool runs with a fixed environment: our own ``mke2fs.conf`` (so results never depend on
-``/etc/mke2fs.conf``), ``LC_ALL=C`` (parsable output) and fixed clocks
+``/etc/mke2fs.conf``), ``LC_ALL=C.UTF-8`` (parsable output, UTF-8 names) and fixed clocks
 (``E2FSPROGS_FAKE_TIME`` for mke2fs/resize2fs/debugfs, ``E2FSCK_TIME`` for e2fsck) so that
 the same input gives the same bytes. ``SOURCE_DATE_EPOCH`` is deliberately removed: in
 mke2fs 1.47.x it also clamps every file's mtime.
@@ -87,7 +87,10 @@ def tool_env() -> dict[str, str]:
                         "MKE2FS_DEVICE_PHYS_SECTSIZE", "MKE2FS_FIRST_META_BG",
                         "E2FSPROGS_LIBMAGIC_SUPPRESS")}
     env.update({
-        "LC_ALL": "C",
+        # English messages we can parse, but UTF-8: under plain "C" the libarchive in
+        # mke2fs -d - cannot convert UTF-8 tar names ("Pathname can't be converted from UTF-8
+        # to current locale"). Where C.UTF-8 is missing (glibc < 2.35) programs fall back to C.
+        "LC_ALL": "C.UTF-8",
         "MKE2FS_CONFIG": _mke2fs_conf(),
         "E2FSPROGS_FAKE_TIME": str(FIXED_TIME),
         "E2FSCK_TIME": str(FIXED_TIME),
