@@ -152,8 +152,9 @@ def check_tar_consumers(tar: Path, work: Path, listing: Listing) -> None:
     got, _ = dir_listing(x)
     assert got == listing
     img = work / "img.ext4"
+    # LC_ALL=C: libarchive must not need a UTF-8 locale to take our names
     p = subprocess.run(f"mke2fs -q -F -t ext4 -d - {img} 256M < {tar}", shell=True,
-                       capture_output=True, text=True)
+                       capture_output=True, text=True, env=dict(os.environ, LC_ALL="C"))
     assert p.returncode == 0, p.stderr
     p = subprocess.run(["e2fsck", "-fn", str(img)], capture_output=True, text=True)
     assert p.returncode == 0, p.stdout + p.stderr

@@ -213,6 +213,17 @@ def test_long_names_and_link_names(both: Any, fmt: str) -> None:
     assert frozenset({longname, "h" * 120}) in ex.groups
 
 
+def test_utf8_names_and_link_targets(both: Any) -> None:
+    ex = both("utf8",
+              L(file("etc/ssl/certs/NetLock_Arany_=Class_Gold=_Főtanúsítvány.pem", "pem"),
+                symlink("etc/ssl/certs/8f9a.0", "NetLock_Arany_=Class_Gold=_Főtanúsítvány.pem"),
+                symlink("etc/ssl/certs/ünïcödé", "plain"), directory("srv/日本語"),
+                file("srv/日本語/" + "長" * 60, "long utf-8 name")))
+    assert ex.content("etc/ssl/certs/8f9a.0") == b"pem"
+    assert ex.listing["etc/ssl/certs/ünïcödé"][6] == "plain"
+    assert ex.content("srv/日本語/" + "長" * 60) == b"long utf-8 name"
+
+
 def test_non_utf8_names(both: Any) -> None:
     raw = b"caf\xe9/na\xefve-\xff.txt"
     ex = both("nonutf8",

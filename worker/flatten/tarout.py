@@ -126,18 +126,23 @@ def _pax_record(key: str, value: bytes) -> bytes:
 def _encode(ti: tarfile.TarInfo, xattrs: tuple[tuple[str, bytes], ...] = ()) -> bytes:
     """PAX header blocks for ``ti``, plus ``SCHILY.xattr.*`` records carrying raw bytes.
 
-    tarfile would flag the whole header ``hdrcharset=BINARY`` as soon as one xattr value is
-    not UTF-8, which GNU tar does not understand (and xattr values are binary anyway), so the
-    xattr records are added to tarfile's extended header here.
+    Names are bytes to a filesystem, so a header with a non-ASCII name says
+    ``hdrcharset=BINARY``: libarchive (``mke2fs -d -``) then takes them as they are instead of
+    converting UTF-8 to the current locale, which fails under ``LC_ALL=C``. (GNU tar 1.34 warns
+    that it ignores the keyword and uses the bytes, which is the same thing.) tarfile would
+    also flag the header binary for a non-UTF-8 xattr value, so xattrs are added here.
     """
     body = ti.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
-    if not xattrs:
+    binary = not (ti.name.isascii() and ti.linkname.isascii())
+    if not xattrs and not binary:
         return body
     records = b""
     if body[156:157] == tarfile.XHDTYPE:
         size = int(body[124:136].rstrip(b"\0 ") or b"0", 8)
         records = body[BLOCKSIZE:BLOCKSIZE + size]
         body = body[BLOCKSIZE + size + (-size % BLOCKSIZE):]
+    if binary and b" hdrcharset=BINARY\n" not in records:
+        records = _pax_record("hdrcharset", b"BINARY") + records
     records += b"".join(_pax_record("SCHILY.xattr." + k, v) for k, v in xattrs)
     xh = tarfile.TarInfo("././@PaxHeader")
     xh.type = tarfile.XHDTYPE
