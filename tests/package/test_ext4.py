@@ -56,6 +56,8 @@ def rich_layers() -> list[list[TarEntry]]:
              xattrs={"security.capability": CAP}),
         file("usr/bin/tagged", "x", xattrs={"user.origin": b"layer0", "trusted.t": b"\x00\x01"}),
         file("srv/shared", "acl", mode=0o640, xattrs={"system.posix_acl_access": ACL}),
+        file("srv/binary-xattrs", "b", xattrs={"user.empty": b"", "user.bin": b"\0\n\"\xff" * 50,
+                                               "trusted.overlay.opaque": b"y"}),
         symlink("usr/bin/sh", "dash"),
         symlink("usr/lib-long", "/" + "very-long-target/" * 8),
         hardlink("usr/bin/sh-again", "usr/bin/sh"),
@@ -108,6 +110,8 @@ def test_three_methods_build_clean_equivalent_trees(tmp_path: Path) -> None:
     assert ("user.origin", b"layer0") in stream["usr/bin/tagged"][6]
     assert ("trusted.t", b"\x00\x01") in stream["usr/bin/tagged"][6]
     assert ("system.posix_acl_access", ACL) in stream["srv/shared"][6]
+    assert dict(stream["srv/binary-xattrs"][6]) == {
+        "user.empty": b"", "user.bin": b"\0\n\"\xff" * 50, "trusted.overlay.opaque": b"y"}
     assert stream["dev/null"][0] == stat.S_IFCHR and stream["dev/null"][5] == "1:3"
     assert stream["dev/loop0"][0] == stat.S_IFBLK and stream["dev/loop0"][3] == 6
     assert stream["run/initctl"][0] == stat.S_IFIFO
