@@ -185,6 +185,8 @@ class ExportJob(BaseModel):
     updated_at: dt.datetime
     started_at: dt.datetime | None
     finished_at: dt.datetime | None
+    heartbeat_at: dt.datetime | None = Field(
+        default=None, description="last sign of life of a worker running this job's tasks")
 
 
 class ExportList(BaseModel):

@@ -89,6 +89,13 @@ def job_view(session: Session, job: Export) -> dict[str, Any]:
     """The API's JSON for ``job``: its own state once terminal, its build's while running."""
     phase, progress = job.phase, None
     build = session.get(Build, job.build_id) if job.build_id else None
+    heartbeat = None
+    if job.status not in TERMINAL:
+        by = (BuildTask.build_id == job.build_id) if job.build_id else (BuildTask.job_id == job.id)
+        heartbeat = session.execute(select(func.max(BuildTask.heartbeat_at)).where(by)
+                                    ).scalar_one_or_none()
+        if heartbeat is not None and heartbeat.tzinfo is None:   # SQLite's aggregate: naive UTC
+            heartbeat = heartbeat.replace(tzinfo=dt.UTC)
     if build is not None and job.status not in TERMINAL:
         phase, progress = build.phase, build.progress
     elif build is not None and job.status == SUCCEEDED:
@@ -112,6 +119,7 @@ def job_view(session: Session, job: Export) -> dict[str, Any]:
         "updated_at": max(job.updated_at, build.updated_at) if build else job.updated_at,
         "started_at": job.started_at,
         "finished_at": job.finished_at,
+        "heartbeat_at": heartbeat,
     }
 
 

@@ -14,6 +14,7 @@ Task arguments name the job or build, the image reference and the layer: never c
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -117,10 +118,14 @@ class Throttle:
 
 
 def _publish(task: Task, event: ProgressEvent) -> None:
-    """The custom PROGRESS state Flower and the result backend show."""
+    """The custom PROGRESS state: in the result backend, and as a ``task-progress`` event that
+    Flower (which follows events, not the backend) shows as state PROGRESS, the progress event
+    as JSON in its result column until the task ends."""
     if task.request.id:
+        meta = event.to_dict()
         try:
-            task.update_state(state="PROGRESS", meta=event.to_dict())
+            task.update_state(state="PROGRESS", meta=meta)
+            task.send_event("task-progress", result=json.dumps(meta, separators=(",", ":")))
         except Exception:
             log.warning("could not publish progress of task %s", task.request.id, exc_info=True)
 

@@ -5,6 +5,7 @@ Flower, and the real test registry. SQLite job store here; PostgreSQL in test_e2
 from __future__ import annotations
 
 import hashlib
+import json
 import subprocess
 import threading
 import time
@@ -207,13 +208,19 @@ def _build_tasks(stack: Stack, build_id: str) -> list[dict[str, Any]]:
 
 @pytest.mark.slow
 def test_debian_image_progress_is_visible_mid_job(stack: Stack, client: httpx.Client,
-                                                  debian_image: Any) -> None:
+                                                  debian_image: Any, flower: str) -> None:
     job = stack.submit(client, debian_image.reference)
     seen: list[dict[str, Any]] = []
+    flower_progress: list[dict[str, Any]] = []
 
     def record(view: dict[str, Any]) -> None:
         if view["status"] == "running" and view["progress"]:
             seen.append(view["progress"])
+            if view["build_id"] and len(seen) % 4 == 0:
+                tasks = httpx.get(f"{flower}/api/tasks", timeout=10).json()
+                flower_progress.extend(
+                    t for t in tasks.values() if t.get("state") == "PROGRESS"
+                    and view["build_id"] in str(t.get("args")) + str(t.get("kwargs")))
 
     done = stack.wait_job(client, job["id"], timeout=240, on_poll=record)
     out = check_succeeded(stack, done)
@@ -226,6 +233,10 @@ def test_debian_image_progress_is_visible_mid_job(stack: Stack, client: httpx.Cl
     phases = {p["phase"] for p in seen}
     assert "download" in phases and phases & {"apply", "package"}, phases
     assert done["progress"]["phase"] == "done"
+    # Flower showed the running tasks in the PROGRESS state, with the progress event.
+    assert flower_progress, "Flower never showed a task in state PROGRESS"
+    phases_in_flower = {json.loads(t["result"])["phase"] for t in flower_progress}
+    assert phases_in_flower <= {"download", "apply", "package", "check"}, phases_in_flower
 
 
 @pytest.mark.slow

@@ -160,6 +160,8 @@ def test_vanished_worker_relaunches_then_fails(migrated_db: str) -> None:
     store.task_started(url, "f1", kind="fetch", build_id=build_id, layer=0,
                        digest="sha256:1", worker="b@host", pid=1)
     store.task_heartbeat(url, "f1")
+    beat = (store.get_job(url, j) or {})["heartbeat_at"]
+    assert beat is not None and (store.utcnow() - beat).total_seconds() < 30
     assert store.sweep_stale(url, 60).launch == []          # fresh heartbeat: fine
     _age_task(url, "f1", 120)
     actions = store.sweep_stale(url, 60)
