@@ -5,7 +5,8 @@
 - ``ours-warm``: the same with the blobs and indexes already cached (default method);
 - ``ours-lowdisk``: cold, ``--low-disk`` (for the peak-disk target);
 - ``skopeo-umoci``: the dockerless pipeline users run today: ``skopeo copy`` to an OCI layout,
-  ``umoci raw unpack``, then ``mkfs.ext4 -d`` on a file sized the way such scripts size it;
+  ``umoci raw unpack``, then ``mkfs.ext4 -d`` on a file sized the way such scripts size it
+  (umoci 0.4.7 cannot read zstd layers: for zstd images skopeo recompresses them as gzip);
 - ``lower-bound``: C tools only: curl the blobs (in parallel), ``pigz -dc | tar -x`` (or
   ``zstd -dc``) each layer in order into a directory (no whiteout logic), ``mkfs.ext4 -d``;
 - ``ours-tar`` / ``lower-bound-tar``: ``--format tar`` against the lower bound ending in
@@ -120,8 +121,12 @@ def size_and_mkfs(rootfs: Path, out: Path) -> list[Phase]:
 
 def skopeo_umoci(ctx: Context, image: BenchImage, work: Path) -> list[Phase]:
     oci, rootfs = work / "oci", work / "rootfs"
+    # umoci 0.4.7 refuses zstd layers ("blob is not correct mediatype"), and skopeo 1.9's
+    # --dest-decompress leaves zstd as it is: the way round is to have skopeo recompress them
+    # as gzip, a cost users of this pipeline pay on every zstd image.
+    extra = ["--dest-compress-format", "gzip"] if image.compression == "zstd" else []
     return [
-        Phase("copy", ["skopeo", "copy", "--quiet", "--src-tls-verify=false",
+        Phase("copy", ["skopeo", "copy", "--quiet", "--src-tls-verify=false", *extra,
                        f"docker://{ctx.ref(image)}", f"oci:{oci}:bench"]),
         Phase("unpack", ["umoci", "raw", "unpack", "--image", f"{oci}:bench", str(rootfs)]),
         *size_and_mkfs(rootfs, work / "out.ext4"),
