@@ -484,6 +484,9 @@ def sweep_stale(url: str, stale_seconds: float) -> SweepActions:
         idle = s.execute(select(Build.id).where(Build.status == RUNNING,
                                                 Build.updated_at < idle_cutoff,
                                                 Build.id.not_in(recent))).scalars().all()
+        never_resolved = s.execute(select(Export.id).where(
+            Export.status == QUEUED, Export.build_id.is_(None),
+            Export.updated_at < idle_cutoff)).scalars().all()
     for task_id, kind, job_id, build_id, worker, _layer, digest in stale_ids:
         with session_scope(url) as s:
             won = s.execute(update(BuildTask).where(
@@ -520,6 +523,16 @@ def sweep_stale(url: str, stale_seconds: float) -> SweepActions:
                                            Export.status.in_([QUEUED, RUNNING]))
                       .values(status=FAILED, error=reason, updated_at=now, finished_at=now))
             actions.failed.append(b.id)
+    for job_id in never_resolved:
+        waited = int(stale_seconds * IDLE_STALE_PERIODS)
+        reason = (f"no worker took this export for {waited} s: is a worker consuming the "
+                  "queue fetch?")
+        with session_scope(url) as s:
+            s.execute(update(Export).where(Export.id == job_id, Export.status == QUEUED,
+                                           Export.build_id.is_(None),
+                                           Export.updated_at < idle_cutoff)
+                      .values(status=FAILED, error=reason, updated_at=now, finished_at=now))
+        actions.failed.append(job_id)
     return actions
 
 

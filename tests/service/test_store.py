@@ -9,7 +9,7 @@ from typing import Any
 from sqlalchemy import update
 
 from api import store
-from api.db import Build, BuildTask, session_scope
+from api.db import Build, BuildTask, Export, session_scope
 
 DIGEST = "sha256:" + "ab" * 32
 OPTIONS = {"size": None, "headroom": None, "min_free": None, "ext4_method": "auto",
@@ -246,3 +246,15 @@ def test_build_nobody_works_on_fails_eventually(migrated_db: str) -> None:
     assert store.sweep_stale(url, 60).failed == [build_id]
     v = store.get_job(url, j)
     assert v and v["status"] == "failed" and "package.a" in v["error"], v
+
+
+def test_job_no_worker_takes_fails_eventually(migrated_db: str) -> None:
+    url = migrated_db
+    j = _job(url)
+    assert store.sweep_stale(url, 60).failed == []
+    long_ago = store.utcnow() - dt.timedelta(seconds=60 * store.IDLE_STALE_PERIODS + 10)
+    with session_scope(url) as s:
+        s.execute(update(Export).where(Export.id == j).values(updated_at=long_ago))
+    assert store.sweep_stale(url, 60).failed == [j]
+    v = store.get_job(url, j)
+    assert v and v["status"] == "failed" and "queue fetch" in v["error"], v
