@@ -167,7 +167,10 @@ def build_ext4(plan: FlatPlan, request: ExportRequest, settings: Settings, *,
     chosen method needs is called. ``request.adds`` must already be part of ``plan`` (see
     :func:`worker.package.adds.adds_layer`). The ``OUT.json`` sidecar is not written here:
     ``build_output`` writes it with :func:`worker.package.sidecar.write_sidecar` after it made
-    the ExportResult. Raises PackagingError / ToolMissing / Canceled; leaves nothing behind.
+    the ExportResult. The returned warnings are the whole truth about what the image lacks:
+    what ``write_dir`` could not do as non-root (owners, devices, xattrs) is restored in the
+    image afterwards, so its own report's warnings do not apply to the image.
+    Raises PackagingError / ToolMissing / Canceled; leaves nothing behind.
     """
     from worker.export import Ext4Method
 
