@@ -19,9 +19,13 @@ Decisions worth knowing (each has a test in ``tests/flatten``):
   relative ones at the symlink's directory, ``..`` at the root stays at the root (as it does
   in a chroot). More than :data:`MAX_SYMLINKS` expansions for one path (a loop) is an
   :class:`~worker.errors.UnsafeLayerEntry`, and so is an image whose symlinks make resolution
-  add more than :data:`MAX_EXPANDED_COMPONENTS` components in total. A missing parent is created as an implied directory
-  (mode 0755, root:root); a parent that is a file or a device is replaced by one. The last
-  component is never followed.
+  add more than :data:`MAX_EXPANDED_COMPONENTS` components in total. A missing parent is
+  created as an implied directory (mode 0755, root:root); a parent that is a file or a device
+  is replaced by one. The last component is never followed.
+* Entry *names* climbing above the root (``../x``, ``a/../../x``) never get here: the indexer
+  rejects them with an UnsafeLayerEntry naming layer and path (``..`` inside the root is
+  resolved lexically). Only symlink *targets* are clamped at the root, since that is how the
+  guest kernel will resolve them once the tree is its ``/``.
 * A hardlink shares the inode its target has when the link is applied. If a later layer
   replaces or deletes the target, the links keep the old content: one of them becomes the
   data owner and the others link to it.
