@@ -32,6 +32,7 @@ def summarise(collapsed: Path, top: int = 30) -> str:
     self_c: Counter[str] = Counter()
     incl: Counter[str] = Counter()
     by_module: Counter[str] = Counter()
+    by_ours: Counter[str] = Counter()
     by_thread: Counter[str] = Counter()
     total = 0
     for line in collapsed.read_text(errors="replace").splitlines():
@@ -49,6 +50,8 @@ def summarise(collapsed: Path, top: int = 30) -> str:
         by_thread[" / ".join(head) or "main"] += n
         self_c[body[-1]] += n
         by_module[_module(body[-1])] += n
+        ours = [f for f in body if "(worker/" in f]
+        by_ours[ours[-1] if ours else "(outside worker/: interpreter, threads, imports)"] += n
         for f in set(body):
             incl[f] += n
     if not total:
@@ -58,6 +61,9 @@ def summarise(collapsed: Path, top: int = 30) -> str:
     lines += [f"  {n * 100 / total:5.1f}%  {k}" for k, n in by_thread.most_common(12)]
     lines += ["", "by module of the frame on top of the stack (where the CPU actually is):"]
     lines += [f"  {n * 100 / total:5.1f}%  {k}" for k, n in by_module.most_common(15)]
+    lines += ["", "by the innermost rootfs-export function on the stack (its own code plus the "
+              "library and C calls it makes):"]
+    lines += [f"  {n * 100 / total:5.1f}%  {k}" for k, n in by_ours.most_common(20)]
     lines += ["", f"top {top} by self time (the frame on top of the stack):"]
     lines += [f"  {n * 100 / total:5.1f}%  {k}" for k, n in self_c.most_common(top)]
     lines += ["", f"top {top} by inclusive time (anywhere on the stack):"]
@@ -125,7 +131,9 @@ def main(argv: list[str] | None = None) -> int:
         print(proc.stderr[-3000:], file=sys.stderr)
         raise SystemExit(f"bench.profile: exit {proc.returncode}")
     result = next((line for line in proc.stdout.splitlines() if line.startswith("{")), "")
-    text = (f"py-spy profile of `rootfs-export export` of image {args.image} "
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+                          capture_output=True, text=True, timeout=30).stdout.strip()
+    text = (f"py-spy profile of `rootfs-export export` (git {head}) of image {args.image} "
             f"({image.description}), format {args.format}, method {args.method}, cold cache\n"
             f"result: {result[:2000]}\n\n" + summarise(collapsed))
     (args.results / f"profile-{tag}.txt").write_text(text)
