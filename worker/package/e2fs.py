@@ -9,6 +9,8 @@ mke2fs 1.47.x it also clamps every file's mtime.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import os
 import re
 import shutil
@@ -77,7 +79,13 @@ def _mke2fs_conf() -> str:
             with os.fdopen(fd, "w") as f:
                 f.write(MKE2FS_CONF)
             _conf_path = path
+            atexit.register(_remove_conf, path)
         return _conf_path
+
+
+def _remove_conf(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)
 
 
 def tool_env() -> dict[str, str]:
@@ -224,9 +232,10 @@ def fsck_fix(image: str | os.PathLike[str]) -> None:
 
 def resize(image: str | os.PathLike[str], blocks: int | None = None) -> None:
     """``resize2fs IMAGE BLOCKS`` (4 KiB blocks), or ``resize2fs -M`` when ``blocks`` is None."""
-    args = ["resize2fs", os.fspath(image)]
-    args = ["resize2fs", "-M", os.fspath(image)] if blocks is None else [*args, f"{blocks}"]
-    run_tool(args, timeout=3600)
+    if blocks is None:
+        run_tool(["resize2fs", "-M", os.fspath(image)], what="resize2fs -M", timeout=3600)
+    else:
+        run_tool(["resize2fs", os.fspath(image), str(blocks)], timeout=3600)
 
 
 def superblock(image: str | os.PathLike[str]) -> dict[str, str]:
