@@ -151,6 +151,8 @@ def test_stream_is_rootless_friendly_and_clean(tmp_path: Path) -> None:
     assert fsck(out).returncode == 0
     assert result.sha256 == hashlib.sha256(out.read_bytes()).hexdigest()
     assert result.output_size == out.stat().st_size
+    assert result.extra()["e2fsprogs"].startswith("1.47")
+    assert result.extra()["ext4_method"] == "stream" and result.extra()["block_size"] == 4096
     assert "user.origin" in debugfs(out, "ea_list /usr/bin/tagged")
     listing = debugfs(out, "ls -l /etc")
     assert "old" not in listing.split() and "hostname" in listing

@@ -67,6 +67,7 @@ from worker.package.e2fs import (
     INODE_SIZE,
     debugfs_quote,
     debugfs_script,
+    e2fsprogs_version,
     find_tool,
     fsck_check,
     fsck_fix,
@@ -135,6 +136,7 @@ class Ext4Build:
     uuid: str
     timings: dict[str, float] = field(default_factory=dict)   # "package", "check", "shrink"
     warnings: tuple[str, ...] = ()
+    e2fsprogs: str = ""            # version that made it (same version + input = same bytes)
 
     def extra(self) -> dict[str, Any]:
         """The ``ExportResult.extra`` part: method, fs size, inode count, features, ..."""
@@ -149,6 +151,7 @@ class Ext4Build:
             "features": list(self.features),
             "label": self.label,
             "uuid": self.uuid,
+            "e2fsprogs": self.e2fsprogs,
         }
 
 
@@ -263,7 +266,8 @@ def build_ext4(plan: FlatPlan, request: ExportRequest, settings: Settings, *,
             free_inodes=int(sb["Free inodes"]),
             features=tuple(sb.get("Filesystem features", "").split()),
             label=label, uuid=sb.get("Filesystem UUID", fs_uuid),
-            timings=timings, warnings=tuple(warnings))
+            timings=timings, warnings=tuple(warnings),
+            e2fsprogs=".".join(map(str, e2fsprogs_version())))
     finally:
         shutil.rmtree(work, ignore_errors=True)
         if work.exists():   # e.g. a mount that refused to go away: say so, do not hide it
