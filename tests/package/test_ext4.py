@@ -504,3 +504,16 @@ def test_stream_reads_utf8_names_from_any_pax_writer(tmp_path: Path) -> None:
     out = tmp_path / "u.ext4"
     build(plan, locate, out, write_tar_fn=plain_pax)
     assert "caf\\xc3\\xa9-\\xc3\\xbcn\\xc3\\xaf" in debugfs(out, "ls /")
+
+
+@pytest.mark.parametrize("method", ["stream", "dir"])
+def test_running_out_of_space_mid_build_is_a_clear_error(tmp_path: Path, method: str,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    # Fault injection: a geometry far too small for the content, as a sizing bug would give.
+    import worker.package.ext4 as ext4
+
+    monkeypatch.setattr(ext4, "_choose_geometry", lambda *a, **k: (8 << 20, 2048))
+    plan, locate = make_plan(tmp_path, [[file(f"f{i}", os.urandom(1 << 20)) for i in range(20)]])
+    with pytest.raises(PackagingError, match=r"\(8M\) is too small .* mke2fs said"):
+        build(plan, locate, tmp_path / "full.ext4", method=method)
+    _no_partial(tmp_path, "full.ext4")
