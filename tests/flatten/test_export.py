@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -197,7 +198,8 @@ def test_unprivileged_dir_export_warns_with_counts(registry: Any,
         TarEntry("dev/null", "char", devmajor=1, devminor=3, mode=0o666),
         file("ping", "p", xattrs={"security.capability":
                                   bytes.fromhex("0100000200200000000000000000000000000000")}),
-        TarEntry("run/fifo", "fifo")])])
+        TarEntry("run/fifo", "fifo"), TarEntry("ro", "dir", mode=0o555),
+        file("ro/inside", "in a read-only dir")])])
     # pytest's tmp dirs are root-only all the way up: use a world-traversable one
     work = Path(tempfile.mkdtemp(prefix="rootfs-export-nobody-"))
     request.addfinalizer(lambda: shutil.rmtree(work, ignore_errors=True))
@@ -219,6 +221,8 @@ def test_unprivileged_dir_export_warns_with_counts(registry: Any,
     root = work / "root"
     assert (root / "owned").read_text() == "x" and (root / "mine").read_text() == "y"
     assert not (root / "dev/null").exists() and (root / "run/fifo").exists()
+    assert (root / "ro/inside").read_text() == "in a read-only dir"
+    assert stat.S_IMODE((root / "ro").stat().st_mode) == 0o555
 
 
 def test_export_from_a_registry_needing_credentials(auth_registry: Any, tmp_path: Path) -> None:
@@ -253,8 +257,12 @@ def test_low_disk_with_a_blob_used_twice_and_ext4(registry: Any, settings: Any,
     assert not cache.has(a.digest) and not cache.has(b.digest)
     img2 = push_image(registry, "export/ext4-lowdisk", "v1", [a, b])
     out2 = tmp_path / "root.ext4"
+    phases: list[Phase] = []
     res2 = export(ExportRequest(img2.reference, str(out2), OutputFormat.EXT4, low_disk=True),
-                  settings)
+                  settings, progress=lambda ev: phases.append(ev.phase))
+    for phase in (Phase.RESOLVE, Phase.DOWNLOAD, Phase.APPLY, Phase.PACKAGE, Phase.DONE):
+        assert phase in phases
+    assert phases[-1] == Phase.DONE
     assert out2.stat().st_size == res2.output_size and res2.sha256
     assert json.loads((tmp_path / "root.ext4.json").read_text())["format"] == "ext4"
     assert not cache.has(a.digest) and not cache.has(b.digest)
