@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -13,7 +12,7 @@ from tests.support.imagebuilder import directory, file, symlink
 from worker.errors import ConfigError, UnsafeLayerEntry
 from worker.export import AddSpec
 from worker.flatten.plan import plan_layers
-from worker.package.adds import adds_layer, parse_add
+from worker.package.adds import add_identity, adds_layer, parse_add, with_add_layer
 
 
 def _local_tree(tmp_path: Path) -> Path:
@@ -44,11 +43,11 @@ def test_add_layer_goes_on_top_through_the_planner(tmp_path: Path) -> None:
     assert add_index.compression == "none" and add_index.diff_id.startswith("sha256:")
     plan = plan_layers([*plan0.layers, add_index])
 
-    def locate(layer: Any) -> Any:
-        return add_path if layer is add_index else locate0(layer)
-
+    locate = with_add_layer(locate0, add_index, add_path)
     out = tmp_path / "root.ext4"
-    build(plan, locate, out)
+    result = build(plan, locate, out, identity=add_identity("sha256:" + "ab" * 32, add_index))
+    plain = build(plan0, locate0, tmp_path / "plain.ext4")
+    assert result.uuid != plain.uuid
     assert fsck(out).returncode == 0
     agent = debugfs(out, "stat /usr/opt/agent/bin/init-agent")
     assert "Mode:  0700" in agent and "User:  1000   Group:  1000" in agent

@@ -5,6 +5,14 @@ it goes through the same safe planner (whiteouts do not apply; paths climbing ou
 are rejected; DEST parents that do not exist become implied root-owned 0755 directories and
 existing ones keep their metadata, since only DEST and what is below it are in the layer).
 
+How ``build_output`` uses it (the add layer is NOT in the blob cache: no cache lock, no
+``--low-disk`` deletion for it, and ``on_layer_done`` may be called with its index)::
+
+    add_index, add_blob = adds_layer(request.adds, tmpdir)        # tmpdir: removed afterwards
+    plan = plan_layers([*layers, add_index], ...)
+    locate = with_add_layer(cache_locate, add_index, add_blob)
+    identity = add_identity(resolved.manifest_digest, add_index)  # for build_ext4
+
 Semantics, per spec: a file SRC lands at DEST (or at ``DEST/basename(SRC)`` when DEST ends in
 ``/``); a directory SRC lands as the directory DEST with SRC's contents below it. Symlinks in
 SRC are stored as symlinks (never followed); hardlinks within SRC stay hardlinks; sockets are
@@ -25,6 +33,7 @@ from typing import TYPE_CHECKING
 from worker.cache.decompress import read_file_chunks
 from worker.cache.index import LayerIndex, index_tar_stream, normalize_path
 from worker.errors import ConfigError
+from worker.flatten.reader import BlobLocator
 
 if TYPE_CHECKING:
     from worker.export import AddSpec
@@ -137,3 +146,15 @@ def adds_layer(adds: Sequence[AddSpec], tmpdir: str | os.PathLike[str]) -> tuple
     return LayerIndex(digest=blob_digest, diff_id=index.diff_id, media_type=ADD_LAYER_MEDIA_TYPE,
                       compression="none", compressed_size=size,
                       uncompressed_size=index.uncompressed_size, entries=index.entries), path
+
+
+def with_add_layer(locate: BlobLocator, add_index: LayerIndex, add_blob: Path) -> BlobLocator:
+    """A locator that finds the add layer at ``add_blob`` and every other layer via ``locate``."""
+    def located(layer: LayerIndex) -> str | Path:
+        return add_blob if layer is add_index else locate(layer)
+    return located
+
+
+def add_identity(manifest_digest: str, add_index: LayerIndex) -> str:
+    """The reproducibility identity of an image plus an add layer (its content, by diff_id)."""
+    return f"{manifest_digest}+add:{add_index.diff_id}"
