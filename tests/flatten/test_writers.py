@@ -202,3 +202,21 @@ def test_very_deep_trees_are_written_and_removed(tmp_path: Path,
     assert f"{deep}/ro d 0 " in got and f"{deep}/out l 777 4 /etc" in got
     remove_tree(tmp_path / "d")
     assert not (tmp_path / "d").exists() and os.path.exists("/etc")
+
+
+@pytest.mark.parametrize("mtime", [1e30, -1e30, float("inf"), 4102444800.5, -86400])
+def test_extreme_mtimes_do_not_crash_the_writers(tmp_path: Path, mtime: float) -> None:
+    from worker.cache.index import EntryKind, IndexEntry, LayerIndex
+
+    layer = Layer.from_entries([file("f", "x")])
+    idx, locate = cache_layers(tmp_path / "cache", [layer])
+    entries = tuple(IndexEntry(**{**{s: getattr(e, s) for s in IndexEntry.__slots__},
+                                  "mtime": mtime}) for e in idx[0].entries)
+    odd = LayerIndex(**{**{s: getattr(idx[0], s) for s in LayerIndex.__slots__},
+                        "entries": entries})
+    plan = plan_layers([odd])
+    write_dir(plan, tmp_path / "d", locate)
+    write_tar_file(plan, tmp_path / "t.tar", locate)
+    assert (tmp_path / "d/f").read_text() == "x"
+    assert "f" in tar_listing(tmp_path / "t.tar")[0]
+    assert EntryKind.FILE in {e.kind for e in entries}

@@ -59,8 +59,16 @@ def _split(path: str) -> tuple[str, str]:
     return head or ".", tail
 
 
+_NS_MAX = (1 << 63) - 1
+
+
 def _ns(mtime: float) -> int:
-    return int(round(mtime * 1_000_000_000))
+    """Seconds -> nanoseconds for utime; hostile values (inf, 1e30) are clamped, not a crash
+    (the kernel clamps further to what the filesystem can store)."""
+    if mtime != mtime:          # NaN
+        return 0
+    return max(-_NS_MAX, min(_NS_MAX, int(round(mtime * 1_000_000_000))
+                             if abs(mtime) < 1e10 else (_NS_MAX if mtime > 0 else -_NS_MAX)))
 
 
 class _Dirs:

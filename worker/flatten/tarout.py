@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import os
 import tarfile
 import tempfile
@@ -97,8 +98,10 @@ class _Out:
 
 
 def _mtime(e: IndexEntry) -> int | float:
-    m = e.mtime
-    return int(m) if float(m).is_integer() else m
+    m = float(e.mtime)
+    if not math.isfinite(m):    # a hostile header's inf/nan: no meaningful time
+        return 0
+    return int(m) if m.is_integer() else m
 
 
 def _tarinfo(path: str, e: IndexEntry, kind: EntryKind, *, linkname: str = "",
