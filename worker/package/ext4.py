@@ -224,12 +224,14 @@ def build_ext4(plan: FlatPlan, request: ExportRequest, settings: Settings, *,
         t0 = time.monotonic()
         if method == Ext4Method.STREAM:
             _build_stream(mkfs, image, fs_bytes, write_tar, cancel)
-            _debugfs_fixups(image, plan, xattrs=True, hardlinks=True, root=False)
+            _debugfs_fixups(image, plan, xattrs="non-cap", hardlinks=True, root=False)
         elif method == Ext4Method.MOUNT:
             _build_mount(mkfs, image, fs_bytes, work, write_dir, cancel)
         else:
             _build_dir(mkfs, image, fs_bytes, work, write_dir, plan, cancel)
-            _debugfs_fixups(image, plan, xattrs=False, hardlinks=False, root=True,
+            # xattrs too: the staging directory's filesystem may refuse some (user.* on an
+            # older tmpfs, trusted.* as non-root), mke2fs -d DIR copies only what it holds
+            _debugfs_fixups(image, plan, xattrs="all", hardlinks=False, root=True,
                             symlink_links=True, times=True)
         timings["package"] = time.monotonic() - t0
         _check_cancel(cancel)
@@ -569,11 +571,12 @@ def _time_commands(target: str, entry: IndexEntry) -> list[str]:
     return [f"sif {quoted} atime @{mtime}", f"sif {quoted} ctime @{mtime}"]
 
 
-def _debugfs_fixups(image: Path, plan: FlatPlan, *, xattrs: bool, hardlinks: bool,
+def _debugfs_fixups(image: Path, plan: FlatPlan, *, xattrs: str, hardlinks: bool,
                     root: bool, symlink_links: bool = False, times: bool = False) -> None:
     """Put back, with one debugfs script, what ``mke2fs -d`` gets wrong or drops.
 
-    ``xattrs``: ``mke2fs -d -`` keeps only security.capability; set the others.
+    ``xattrs``: ``"non-cap"``: ``mke2fs -d -`` keeps only security.capability, set the others;
+    ``"all"``: set every xattr (``""``: none).
     ``hardlinks``: ``mke2fs -d -`` applies each hardlink header's metadata to the shared inode;
     the inode's metadata is its owner entry's (as the mount and dir methods produce).
     ``root``: ``mke2fs -d DIR`` does not copy the source directory's own metadata to the root.
@@ -609,7 +612,7 @@ def _debugfs_fixups(image: Path, plan: FlatPlan, *, xattrs: bool, hardlinks: boo
             if not xattrs:
                 continue
             for name, value in planned.entry.xattrs:
-                if name == "security.capability":
+                if name == "security.capability" and xattrs != "all":
                     continue
                 vfile = os.path.join(tmp, str(len(values)))
                 with open(vfile, "wb") as f:
