@@ -33,13 +33,13 @@ def mounted_ro(image: Path, where: Path) -> Iterator[Path]:
         yield mnt
 
 
-def leftovers(image_name: str) -> list[str]:
-    """Mounts and loop devices whose source mentions ``image_name``."""
+def leftovers(needle: str) -> list[str]:
+    """Mounts and loop devices whose target or backing file mentions ``needle`` (a path)."""
     found = []
     mounts = subprocess.run(["findmnt", "-rn", "-o", "SOURCE,TARGET"], capture_output=True,
                             text=True, check=False).stdout
-    found += [line for line in mounts.splitlines() if image_name in line]
+    found += [line for line in mounts.splitlines() if needle in line]
     loops = subprocess.run(["losetup", "-a"], capture_output=True, text=True,
                            check=False).stdout
-    found += [line for line in loops.splitlines() if image_name in line]
+    found += [line for line in loops.splitlines() if needle in line]
     return found

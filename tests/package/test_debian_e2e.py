@@ -134,7 +134,7 @@ def _check_image(method: str, exported: Any, debian_image: Any, tmp_path: Path) 
         run = subprocess.run(["chroot", str(mnt), "/usr/bin/python3", "-c", "print(1)"],
                              capture_output=True, text=True, timeout=60, check=False)
         assert run.returncode == 0 and run.stdout == "1\n", run.stderr
-    assert leftovers(out.name) == []
+    assert leftovers(str(out.parent)) == []
 
 
 @needs_loop

@@ -80,7 +80,7 @@ def test_loop_mount_failure_still_detaches(tmp_path: Path) -> None:
     with pytest.raises(PackagingError, match="mounting"), \
             loop_mounted(junk, tmp_path / "mnt"):
         pass
-    assert attached_devices(junk) == [] and leftovers("junk.img") == []
+    assert attached_devices(junk) == [] and leftovers(str(junk)) == []
 
 
 @needs_loop
@@ -93,7 +93,9 @@ def test_loop_mount_is_nosuid_nodev_noexec_and_cleaned_up(tmp_path: Path) -> Non
                                  capture_output=True, text=True, check=True).stdout
         assert {"nosuid", "nodev", "noexec"} <= set(options.strip().split(","))
         assert len(attached_devices(image)) == 1
+        assert len(leftovers(str(tmp_path))) == 2     # the check used elsewhere can see both
     assert not os.path.ismount(mnt) and attached_devices(image) == []
+    assert leftovers(str(tmp_path)) == []
 
 
 def test_content_needs_counts_what_ext4_stores(tmp_path: Path) -> None:
