@@ -214,3 +214,17 @@ def test_symlink_resolution_work_is_bounded(monkeypatch: pytest.MonkeyPatch) -> 
     assert "/".join(["d"] * 500) + "/f18" in tree(p)
     with pytest.raises(UnsafeLayerEntry, match="too much work"):
         plan(lower, [E(f"l/f{i}") for i in range(25)])
+
+
+@pytest.mark.parametrize("kw", [{"uid": 1 << 40}, {"gid": (1 << 32) - 1}, {"uid": -1}])
+def test_ids_no_filesystem_can_hold_are_rejected(kw: dict) -> None:
+    with pytest.raises(LayerError, match="out of range") as ei:
+        plan([E("etc/x", **kw)])
+    assert "etc/x" in str(ei.value)
+    plan([E("etc/x", uid=(1 << 32) - 2, gid=4_000_000_000)])
+
+
+def test_device_numbers_out_of_range_are_rejected() -> None:
+    plan([E("dev/ok", K.CHAR, devmajor=4095, devminor=(1 << 20) - 1)])
+    with pytest.raises(LayerError, match="device number"):
+        plan([E("dev/bad", K.BLOCK, devmajor=1 << 12, devminor=0)])

@@ -390,6 +390,24 @@ def _blocks(entry: IndexEntry) -> int:
     return total
 
 
+#: uid/gid 2^32-1 is (uid_t)-1, "no change" to chown; ext4 stores 32 bits
+_MAX_ID = (1 << 32) - 2
+
+
+def _check_ids(planner: _Planner, pe: PlannedEntry) -> None:
+    """Reject values no filesystem can hold (a hostile header), naming layer and path."""
+    e = pe.entry
+    bad = None
+    if not (0 <= e.uid <= _MAX_ID and 0 <= e.gid <= _MAX_ID):
+        bad = f"uid/gid {e.uid}/{e.gid} out of range (0..{_MAX_ID})"
+    elif e.kind in (EntryKind.CHAR, EntryKind.BLOCK) and not (
+            0 <= e.devmajor < (1 << 12) and 0 <= e.devminor < (1 << 20)):
+        bad = f"device number {e.devmajor},{e.devminor} out of range (major < 4096, " \
+              "minor < 1048576)"
+    if bad:
+        raise LayerError(bad, layer=planner._digest(pe.layer), path=pe.path)
+
+
 def plan_layers(layers: Sequence[LayerIndex], *, max_path_length: int | None = None
                 ) -> FlatPlan:
     """Compute the final tree; raise UnsafeLayerEntry / LayerError naming layer and path.
@@ -440,6 +458,8 @@ def plan_layers(layers: Sequence[LayerIndex], *, max_path_length: int | None = N
                     symlink_bytes += len(os.fsencode(ino.entry.linkname))
             else:
                 pe = PlannedEntry(path, node.layer, node.entry, link_to=owner)
+        if pe.link_to is None:
+            _check_ids(planner, pe)
         if pe.link_to is None and pe.entry.xattrs:
             xattr_bytes += sum(len(k) + len(v) for k, v in pe.entry.xattrs)
         kind = str(pe.kind)
