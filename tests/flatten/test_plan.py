@@ -228,3 +228,11 @@ def test_device_numbers_out_of_range_are_rejected() -> None:
     plan([E("dev/ok", K.CHAR, devmajor=4095, devminor=(1 << 20) - 1)])
     with pytest.raises(LayerError, match="device number"):
         plan([E("dev/bad", K.BLOCK, devmajor=1 << 12, devminor=0)])
+
+
+@pytest.mark.parametrize("entry", [
+    E("s", K.SYMLINK, linkname="a\0b"), E("s", K.SYMLINK, linkname=""),
+    E("f", xattrs=(("user.a\0b", b"v"),)), E("f", xattrs=(("", b"v"),))])
+def test_values_no_syscall_takes_are_rejected(entry: IndexEntry) -> None:
+    with pytest.raises(LayerError, match=f"path '{entry.path}'"):
+        plan([entry])

@@ -395,7 +395,8 @@ _MAX_ID = (1 << 32) - 2
 
 
 def _check_ids(planner: _Planner, pe: PlannedEntry) -> None:
-    """Reject values no filesystem can hold (a hostile header), naming layer and path."""
+    """Reject values no filesystem can hold or no syscall takes (a hostile header), naming
+    layer and path."""
     e = pe.entry
     bad = None
     if not (0 <= e.uid <= _MAX_ID and 0 <= e.gid <= _MAX_ID):
@@ -404,6 +405,10 @@ def _check_ids(planner: _Planner, pe: PlannedEntry) -> None:
             0 <= e.devmajor < (1 << 12) and 0 <= e.devminor < (1 << 20)):
         bad = f"device number {e.devmajor},{e.devminor} out of range (major < 4096, " \
               "minor < 1048576)"
+    elif "\0" in e.linkname or any(not k or "\0" in k for k, _ in e.xattrs):
+        bad = "NUL byte in a link target or an empty/NUL xattr name"
+    elif e.kind == EntryKind.SYMLINK and not e.linkname:
+        bad = "symlink with an empty target"
     if bad:
         raise LayerError(bad, layer=planner._digest(pe.layer), path=pe.path)
 
