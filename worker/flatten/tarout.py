@@ -129,14 +129,21 @@ def _pax_record(key: str, value: bytes) -> bytes:
 def _encode(ti: tarfile.TarInfo, xattrs: tuple[tuple[str, bytes], ...] = ()) -> bytes:
     """PAX header blocks for ``ti``, plus ``SCHILY.xattr.*`` records carrying raw bytes.
 
-    Names are bytes to a filesystem, so a header with a non-ASCII name says
-    ``hdrcharset=BINARY``: libarchive (``mke2fs -d -``) then takes them as they are instead of
+    Names are bytes to a filesystem: a non-ASCII name goes into the ustar fields as it is when
+    it fits, else into a PAX header that says ``hdrcharset=BINARY``: libarchive (``mke2fs -d -``) then takes them as they are instead of
     converting UTF-8 to the current locale, which fails under ``LC_ALL=C``. (GNU tar 1.34 warns
     that it ignores the keyword and uses the bytes, which is the same thing.) tarfile would
     also flag the header binary for a non-UTF-8 xattr value, so xattrs are added here.
     """
-    body = ti.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
     binary = not (ti.name.isascii() and ti.linkname.isascii())
+    if binary and not xattrs and not ti.pax_headers and isinstance(ti.mtime, int):
+        # Short enough for the ustar name/prefix/linkname fields: store the bytes there, no
+        # extended header at all (nothing for GNU tar to warn about).
+        try:
+            return ti.create_ustar_header(ti.get_info(), "utf-8", "surrogateescape")
+        except ValueError:
+            pass                    # too long, or a number out of ustar range: PAX below
+    body = ti.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
     if not xattrs and not binary:
         return body
     records = b""
