@@ -129,7 +129,9 @@ def tree_listing(root: Path, *, skip: tuple[str, ...] = ("lost+found",),
                 xattrs = ()
             row: tuple[Any, ...] = (kind, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, size,
                                     content, xattrs)
-            if with_mtime and not stat.S_ISLNK(st.st_mode):
-                row += (int(st.st_mtime),)
+            if with_mtime:
+                # microseconds: a float mtime in the index cannot carry every nanosecond,
+                # and the writers may round its last bits differently
+                row += (round(st.st_mtime_ns, -3),)
             out[rel] = row
     return out

@@ -76,7 +76,10 @@ def rich_layers() -> list[list[TarEntry]]:
         directory("ro", mode=0o555),
         file("ro/inside", "still written"),
     ]
-    upper = [whiteout("etc/old"), file("etc/hostname", "vm\n", mtime=1_700_000_000)]
+    upper = [whiteout("etc/old"), file("etc/hostname", "vm\n", mtime=1_700_000_000),
+             directory("var/sub-second", mtime=1_650_000_000.25),
+             file("var/sub-second/ns", "ns", mtime=1_650_000_000.123456789),
+             symlink("var/sub-second/link", "ns", mtime=1_650_000_000.5)]
     return [lower, upper]
 
 
@@ -116,7 +119,10 @@ def test_three_methods_build_clean_equivalent_trees(tmp_path: Path) -> None:
     assert stream["dev/loop0"][0] == stat.S_IFBLK and stream["dev/loop0"][3] == 6
     assert stream["run/initctl"][0] == stat.S_IFIFO
     assert stream["home/user/big-ids"][2:4] == (3_000_000_000, 4_000_000_000)
-    assert stream["etc/passwd"][7] == 1_234_567_890
+    assert stream["etc/passwd"][7] == 1_234_567_890 * 10**9
+    assert stream["var/sub-second"][7] == 1_650_000_000_250_000_000
+    assert stream["var/sub-second/ns"][7] == 1_650_000_000_123_457_000
+    assert stream["var/sub-second/link"][7] == 1_650_000_000_500_000_000
     assert stream["usr/lib-long"][5] == "/" + "very-long-target/" * 8
     assert stream["non-utf8-\udcff"][5] == hashlib.sha256(b"n").hexdigest()
     assert stream["usr/share/café/ünïcødé 名前"][5] == hashlib.sha256(b"utf8").hexdigest()

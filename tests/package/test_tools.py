@@ -144,3 +144,17 @@ def test_sidecar_is_written_atomically(tmp_path: Path) -> None:
         write_sidecar(out, {"bad": object()})
     assert json.loads(path.read_text())["sha256"] == "ab"      # the old one is intact
     assert [p.name for p in tmp_path.iterdir()] == ["root.ext4.json"]
+
+
+def test_time_split_and_ext4_extra_encoding() -> None:
+    from worker.cache.index import EntryKind, IndexEntry
+    from worker.package.ext4 import _split_time, _subsecond_commands
+
+    assert _split_time(1_650_000_000.25) == (1_650_000_000, 250_000_000)
+    assert _split_time(-1.5) == (-2, 500_000_000)
+    assert _split_time(float("nan")) == (0, 0)
+    assert _split_time(1e30) == (2**34, 0) and _split_time(float("-inf")) == (-(2**33), 0)
+    assert _subsecond_commands("/f", IndexEntry("f", EntryKind.FILE, mtime=5.0)) == []
+    # beyond 2038 the two low bits of the extra field extend the 32-bit seconds
+    late = IndexEntry("f", EntryKind.FILE, mtime=float(2**31 + 5) + 0.5)
+    assert _subsecond_commands("/f", late) == [f'sif "/f" mtime_extra {(500_000_000 << 2) | 1}']

@@ -9,9 +9,9 @@ Three methods produce equivalent trees (see :class:`~worker.export.Ext4Method`):
     ``security.capability`` xattr (the others are set with ``ea_set``) and gives a hardlinked
     inode the metadata of the last hardlink header (the owner entry's is restored). Holes stay
     holes (mke2fs skips zero blocks), device nodes, FIFOs, setuid bits, mode-0000 files,
-    hardlinked symlinks and uids above 2^31 are kept as they are. Limits: sub-second mtimes
-    are truncated to seconds, atime/ctime are 0 (the tar carries none), and filling one
-    directory is quadratic in its size (see :data:`STREAM_DIR_LIMIT`).
+    hardlinked symlinks and uids above 2^31 are kept as they are; sub-second mtimes, which
+    mke2fs truncates, are put back. Limits: atime/ctime are 0 (the tar carries none), and
+    filling one directory is quadratic in its size (see :data:`STREAM_DIR_LIMIT`).
 ``mount``
     an empty filesystem is loop-mounted (``nosuid,nodev,noexec``) and ``write_dir`` applies the
     plan into the mount point; root only. Unmounted and detached on every path. The kernel's
@@ -45,6 +45,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import stat
@@ -562,17 +563,42 @@ def _metadata_commands(target: str, entry: IndexEntry) -> list[str]:
     quoted = debugfs_quote(target)
     mode = _TYPE_BITS.get(str(entry.kind), 0) | (entry.mode & 0o7777)
     return [f"sif {quoted} mode 0{mode:o}", f"sif {quoted} uid {entry.uid}",
-            f"sif {quoted} gid {entry.gid}", f"sif {quoted} mtime @{int(entry.mtime)}"]
+            f"sif {quoted} gid {entry.gid}", f"sif {quoted} mtime @{_split_time(entry.mtime)[0]}"]
+
+
+def _split_time(mtime: float) -> tuple[int, int]:
+    """(seconds, nanoseconds) of a float mtime; hostile values (NaN, inf, 1e30) are clamped.
+
+    Split before scaling: ``mtime * 1e9`` would lose the fraction to float rounding (a float
+    near 1.6e9 s has ~240 ns of resolution, its product with 1e9 far less).
+    """
+    if mtime != mtime:   # NaN
+        return 0, 0
+    mtime = max(-(2.0 ** 33), min(2.0 ** 34, mtime))   # what ext4's 34-bit seconds hold
+    seconds = math.floor(mtime)
+    ns = min(999_999_999, round((mtime - seconds) * 1_000_000_000))
+    return seconds, ns
 
 
 def _time_commands(target: str, entry: IndexEntry) -> list[str]:
     quoted = debugfs_quote(target)
-    mtime = int(entry.mtime)
-    return [f"sif {quoted} atime @{mtime}", f"sif {quoted} ctime @{mtime}"]
+    seconds = _split_time(entry.mtime)[0]
+    return [f"sif {quoted} atime @{seconds}", f"sif {quoted} ctime @{seconds}"]
+
+
+def _subsecond_commands(target: str, entry: IndexEntry) -> list[str]:
+    """``mke2fs -d`` stores whole seconds: put the nanoseconds back (``i_mtime_extra`` holds
+    them shifted left by 2 above the two epoch bits that extend the 32-bit seconds)."""
+    seconds, ns = _split_time(entry.mtime)
+    if not ns:
+        return []
+    epoch = ((seconds - ((seconds + (1 << 31)) % (1 << 32) - (1 << 31))) >> 32) & 3
+    return [f"sif {debugfs_quote(target)} mtime_extra {(ns << 2) | epoch}"]
 
 
 def _debugfs_fixups(image: Path, plan: FlatPlan, *, xattrs: str, hardlinks: bool,
-                    root: bool, symlink_links: bool = False, times: bool = False) -> None:
+                    root: bool, symlink_links: bool = False, times: bool = False,
+                    subsecond: bool = True) -> None:
     """Put back, with one debugfs script, what ``mke2fs -d`` gets wrong or drops.
 
     ``xattrs``: ``"non-cap"``: ``mke2fs -d -`` keeps only security.capability, set the others;
@@ -583,6 +609,7 @@ def _debugfs_fixups(image: Path, plan: FlatPlan, *, xattrs: str, hardlinks: bool
     ``symlink_links``: ``mke2fs -d DIR`` copies hardlinked symlinks as separate inodes; relink.
     ``times``: ``mke2fs -d DIR`` copies the staging tree's atime and ctime (the time of the
     build); set both to the entry's mtime so the same input gives the same bytes.
+    ``subsecond``: ``mke2fs -d`` (both forms) drops the nanoseconds of mtimes; restore them.
     """
     commands: list[str] = []
     if symlink_links:
@@ -609,6 +636,8 @@ def _debugfs_fixups(image: Path, plan: FlatPlan, *, xattrs: str, hardlinks: bool
                 commands.extend(_metadata_commands(target, planned.entry))
             if times and debugfs_addressable(planned.path):
                 commands.extend(_time_commands(target, planned.entry))
+            if subsecond and debugfs_addressable(planned.path):
+                commands.extend(_subsecond_commands(target, planned.entry))
             if not xattrs:
                 continue
             for name, value in planned.entry.xattrs:
@@ -715,6 +744,7 @@ def _restore_unprivileged(image: Path, plan: FlatPlan, missing: set[str]) -> Non
                              f"mknod {debugfs_quote(name)} {spec}", "cd /"]
             commands.extend(_metadata_commands(target, e))
             commands.extend(_time_commands(target, e))
+            commands.extend(_subsecond_commands(target, e))
             for i, (name, value) in enumerate(e.xattrs):
                 vfile = os.path.join(tmp, f"{len(commands)}-{i}")
                 with open(vfile, "wb") as f:
