@@ -9,11 +9,12 @@ mke2fs 1.47.x it also clamps every file's mtime.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
+import hashlib
 import os
 import re
 import shutil
+import stat
 import subprocess
 import tempfile
 import threading
@@ -70,22 +71,39 @@ _conf_lock = threading.Lock()
 _conf_path: str | None = None
 
 
+def _private_dir() -> str:
+    """``$TMPDIR/rootfs-export-<uid>``: ours alone (0700, owned by us, not a symlink)."""
+    path = os.path.join(tempfile.gettempdir(), f"rootfs-export-{os.geteuid()}")
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(path, 0o700)
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        raise PackagingError(f"{path} is not a private directory of this user: remove it")
+    return path
+
+
 def _mke2fs_conf() -> str:
-    """Path of our mke2fs.conf, written once per process to a private temp file."""
+    """Path of our mke2fs.conf: one file per content in a private directory, shared by all
+    processes of this user (written atomically once, never left behind per process)."""
     global _conf_path
     with _conf_lock:
-        if _conf_path is None or not os.path.exists(_conf_path):
-            fd, path = tempfile.mkstemp(prefix="rootfs-export-mke2fs-", suffix=".conf")
-            with os.fdopen(fd, "w") as f:
+        if _conf_path is not None and os.path.exists(_conf_path):
+            return _conf_path
+        digest = hashlib.sha256(MKE2FS_CONF.encode()).hexdigest()[:16]
+        directory = _private_dir()
+        path = os.path.join(directory, f"mke2fs-{digest}.conf")
+        try:
+            with open(path, encoding="utf-8") as f:
+                current: str | None = f.read()
+        except FileNotFoundError:
+            current = None
+        if current != MKE2FS_CONF:
+            fd, tmp = tempfile.mkstemp(prefix=".mke2fs-", suffix=".conf", dir=directory)
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
                 f.write(MKE2FS_CONF)
-            _conf_path = path
-            atexit.register(_remove_conf, path)
-        return _conf_path
-
-
-def _remove_conf(path: str) -> None:
-    with contextlib.suppress(OSError):
-        os.unlink(path)
+            os.replace(tmp, path)
+        _conf_path = path
+        return path
 
 
 def tool_env() -> dict[str, str]:
