@@ -353,3 +353,25 @@ def test_hardlink_header_metadata_never_overrides_the_inode(both: Any, tmp_path:
     p = subprocess.run(["debugfs", "-R", "stat /bin/alias", str(img)], capture_output=True,
                        text=True)
     assert "Mode:  0755" in p.stdout and "Links: 2" in p.stdout, p.stdout
+
+
+def test_hardlink_header_carries_the_inode_owners_metadata(both: Any) -> None:
+    import tarfile
+
+    ex = both("hardlink-owner-meta",
+              L(file("bin/tool", "T", mode=0o4750, uid=1001, gid=1002, mtime=1_500_000_000.5,
+                     xattrs={"user.origin": b"owner", "security.capability": CAP_NET_RAW})),
+              L(hardlink("bin/alias", "bin/tool", mode=0o600, uid=7, gid=8,
+                         mtime=1_700_000_000, xattrs={"user.origin": b"link"})))
+    with tarfile.open(ex.tar, "r:", encoding="utf-8", errors="surrogateescape") as tf:
+        members = {m.name.removeprefix("./"): m for m in tf}
+    owner, link = members["bin/tool"], members["bin/alias"]
+    assert link.type == tarfile.LNKTYPE
+    assert (link.mode, link.uid, link.gid, link.mtime) == (0o4750, 1001, 1002, 1_500_000_000.5)
+    assert (link.mode, link.uid, link.gid, link.mtime) == \
+        (owner.mode, owner.uid, owner.gid, owner.mtime)
+    xattrs = {k: v for k, v in link.pax_headers.items() if k.startswith("SCHILY.xattr.")}
+    assert xattrs == {k: v for k, v in owner.pax_headers.items()
+                      if k.startswith("SCHILY.xattr.")}
+    assert xattrs["SCHILY.xattr.user.origin"] == "owner"
+    assert "SCHILY.xattr.security.capability" in xattrs

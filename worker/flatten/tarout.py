@@ -172,12 +172,16 @@ def sparse_map(e: IndexEntry) -> list[tuple[int, int]]:
 def header_for(pe: PlannedEntry, owner: IndexEntry | None = None) -> bytes:
     """The PAX header block(s) for ``pe`` (data, if any, follows; sparse map included).
 
-    For a hardlink, ``owner`` is the entry of the path it links to: the link's header
-    repeats the inode's metadata, so no extractor can take a stale one from the link.
+    For a hardlink, ``owner`` is the entry of the path it links to (the inode's owner): the
+    link's header repeats that entry's mode, owner, mtime and xattrs, never the link entry's
+    own, so every reader (GNU tar, libarchive, ``mke2fs -d -``, which apply a hardlink
+    header's metadata to the shared inode) ends with the inode's metadata.
     """
     e = pe.entry
     if pe.link_to is not None:
-        return _encode(_tarinfo(pe.path, owner or e, EntryKind.HARDLINK, linkname=pe.link_to))
+        inode = owner or e
+        return _encode(_tarinfo(pe.path, inode, EntryKind.HARDLINK, linkname=pe.link_to),
+                       inode.xattrs)
     kind = e.kind
     if kind == EntryKind.SYMLINK:
         return _encode(_tarinfo(pe.path, e, kind, linkname=e.linkname), e.xattrs)

@@ -6,8 +6,9 @@ Three methods produce equivalent trees (see :class:`~worker.export.Ext4Method`):
     the flattened tar is written by ``write_tar`` (in a thread) into the stdin of
     ``mke2fs -t ext4 -d - IMAGE``; rootless, one pass (e2fsprogs >= 1.47.1). What mke2fs gets
     wrong is put right with one debugfs script afterwards: it keeps only the
-    ``security.capability`` xattr (the others are set with ``ea_set``) and gives a hardlinked
-    inode the metadata of the last hardlink header (the owner entry's is restored). Holes stay
+    ``security.capability`` xattr (the others are set with ``ea_set``). A hardlinked inode
+    takes the metadata of the last hardlink header, which the tar writer fills with the
+    inode owner's, so nothing needs restoring there. Holes stay
     holes (mke2fs skips zero blocks), device nodes, FIFOs, setuid bits, mode-0000 files,
     hardlinked symlinks and uids above 2^31 are kept as they are; sub-second mtimes, which
     mke2fs truncates, are put back. Limits: atime/ctime are 0 (the tar carries none), and
@@ -225,14 +226,14 @@ def build_ext4(plan: FlatPlan, request: ExportRequest, settings: Settings, *,
         t0 = time.monotonic()
         if method == Ext4Method.STREAM:
             _build_stream(mkfs, image, fs_bytes, write_tar, cancel)
-            _debugfs_fixups(image, plan, xattrs="non-cap", hardlinks=True, root=False)
+            _debugfs_fixups(image, plan, xattrs="non-cap", root=False)
         elif method == Ext4Method.MOUNT:
             _build_mount(mkfs, image, fs_bytes, work, write_dir, cancel)
         else:
             _build_dir(mkfs, image, fs_bytes, work, write_dir, plan, cancel)
             # xattrs too: the staging directory's filesystem may refuse some (user.* on an
             # older tmpfs, trusted.* as non-root), mke2fs -d DIR copies only what it holds
-            _debugfs_fixups(image, plan, xattrs="all", hardlinks=False, root=True,
+            _debugfs_fixups(image, plan, xattrs="all", root=True,
                             symlink_links=True, times=True)
         timings["package"] = time.monotonic() - t0
         _check_cancel(cancel)
@@ -282,21 +283,17 @@ def build_ext4(plan: FlatPlan, request: ExportRequest, settings: Settings, *,
 def stream_blockers(plan: FlatPlan) -> list[str]:
     """Why the stream method cannot reproduce ``plan`` exactly (empty list: it can).
 
-    ``mke2fs -d -`` keeps only the ``security.capability`` xattr and gives hardlinked inodes
-    the last link header's metadata; both are put right afterwards with debugfs, which
-    addresses files by path on a line-based script: a path holding a newline cannot be
-    written there.
+    ``mke2fs -d -`` keeps only the ``security.capability`` xattr; the others are set
+    afterwards with debugfs, which addresses files by path on a line-based script: a path
+    holding a newline cannot be written there. (Hardlinked inodes need nothing: every link
+    header carries the inode owner's metadata.)
     """
     problems = []
-    owners = {p.link_to for p in plan.entries if p.link_to is not None}
     for planned in plan.entries:
         if debugfs_addressable(planned.path):
             continue
         if any(name != "security.capability" for name, _ in planned.entry.xattrs):
             problems.append(f"xattrs on {planned.path!r} cannot be set by path with debugfs")
-        if planned.path in owners:
-            problems.append(f"the metadata of hardlinked {planned.path!r} cannot be set by "
-                            "path with debugfs")
     return problems
 
 
@@ -596,15 +593,13 @@ def _subsecond_commands(target: str, entry: IndexEntry) -> list[str]:
     return [f"sif {debugfs_quote(target)} mtime_extra {(ns << 2) | epoch}"]
 
 
-def _debugfs_fixups(image: Path, plan: FlatPlan, *, xattrs: str, hardlinks: bool,
+def _debugfs_fixups(image: Path, plan: FlatPlan, *, xattrs: str,
                     root: bool, symlink_links: bool = False, times: bool = False,
                     subsecond: bool = True) -> None:
     """Put back, with one debugfs script, what ``mke2fs -d`` gets wrong or drops.
 
     ``xattrs``: ``"non-cap"``: ``mke2fs -d -`` keeps only security.capability, set the others;
     ``"all"``: set every xattr (``""``: none).
-    ``hardlinks``: ``mke2fs -d -`` applies each hardlink header's metadata to the shared inode;
-    the inode's metadata is its owner entry's (as the mount and dir methods produce).
     ``root``: ``mke2fs -d DIR`` does not copy the source directory's own metadata to the root.
     ``symlink_links``: ``mke2fs -d DIR`` copies hardlinked symlinks as separate inodes; relink.
     ``times``: ``mke2fs -d DIR`` copies the staging tree's atime and ctime (the time of the
@@ -626,13 +621,12 @@ def _debugfs_fixups(image: Path, plan: FlatPlan, *, xattrs: str, hardlinks: bool
         commands += [f"sif {debugfs_quote('/' + owner)} links_count {n}"
                      for owner, n in names.items()]
     values: list[str] = []
-    linked = {p.link_to for p in plan.entries if p.link_to is not None} if hardlinks else set()
     with tempfile.TemporaryDirectory(prefix="rootfs-export-fixup-") as tmp:
         for planned in plan.entries:
             if planned.link_to is not None:
                 continue
             target = "/" if planned.path == "." else "/" + planned.path
-            if (root and planned.path == ".") or planned.path in linked:
+            if root and planned.path == ".":
                 commands.extend(_metadata_commands(target, planned.entry))
             if times and debugfs_addressable(planned.path):
                 commands.extend(_time_commands(target, planned.entry))
