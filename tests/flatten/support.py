@@ -1,12 +1,13 @@
 """Export real images to dir and tar through the CLI and compare the two results.
 
-A *listing* maps each path to what a runtime sees there: type, permission bits, owner, mtime,
-size, link target, sha256 of the content, xattrs and device numbers. Hardlinks are compared
+A *listing* maps each path to what a runtime sees there: type, permission bits, owner, mtime
+(integer nanoseconds), size, link target, sha256 of the content, xattrs and device numbers. Hardlinks are compared
 as groups of paths sharing one inode.
 """
 
 from __future__ import annotations
 
+import decimal
 import hashlib
 import json
 import os
@@ -53,7 +54,7 @@ def dir_listing(root: Path) -> tuple[Listing, set[frozenset[str]]]:
             if not stat.S_ISLNK(st.st_mode):
                 xattrs = tuple(sorted((k, os.getxattr(full, k)) for k in os.listxattr(full)))
             out[rel] = (kind, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid,
-                        st.st_mtime_ns // 1_000_000_000, size, link, sha, xattrs, dev)
+                        st.st_mtime_ns, size, link, sha, xattrs, dev)
             if not stat.S_ISDIR(st.st_mode):
                 inodes.setdefault((st.st_dev, st.st_ino), set()).add(rel)
     groups = {frozenset(g) for g in inodes.values() if len(g) > 1}
@@ -64,6 +65,18 @@ _TAR_KINDS = {tarfile.REGTYPE: stat.S_IFREG, tarfile.AREGTYPE: stat.S_IFREG,
               tarfile.DIRTYPE: stat.S_IFDIR, tarfile.SYMTYPE: stat.S_IFLNK,
               tarfile.CHRTYPE: stat.S_IFCHR, tarfile.BLKTYPE: stat.S_IFBLK,
               tarfile.FIFOTYPE: stat.S_IFIFO}
+
+
+def tar_mtime_ns(ti: tarfile.TarInfo) -> int:
+    """A member's mtime in nanoseconds, exactly as its header writes it (tarfile's float
+    cannot hold nanoseconds): the PAX record if there is one, else the ustar field."""
+    text = ti.pax_headers.get("mtime")
+    if text is None:
+        return int(ti.mtime) * 1_000_000_000
+    with decimal.localcontext() as ctx:
+        ctx.prec = 80
+        return int((decimal.Decimal(text) * 1_000_000_000).to_integral_value(
+            rounding=decimal.ROUND_FLOOR))
 
 
 def tar_listing(path: Path) -> tuple[Listing, set[frozenset[str]], list[str]]:
@@ -93,7 +106,7 @@ def tar_listing(path: Path) -> tuple[Listing, set[frozenset[str]], list[str]]:
                                   for k, v in ti.pax_headers.items()
                                   if k.startswith("SCHILY.xattr.")))
             dev = (ti.devmajor, ti.devminor) if ti.ischr() or ti.isblk() else (0, 0)
-            out[name] = (kind, ti.mode & 0o7777, ti.uid, ti.gid, int(ti.mtime),
+            out[name] = (kind, ti.mode & 0o7777, ti.uid, ti.gid, tar_mtime_ns(ti),
                          ti.size if ti.isreg() else 0, ti.linkname if ti.issym() else "",
                          sha, xattrs, dev)
     return out, {frozenset(g) for g in links.values()}, order

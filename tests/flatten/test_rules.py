@@ -288,9 +288,9 @@ def test_directory_mtimes_survive_children(both: Any) -> None:
     ex = both("mtimes", L(directory("d", mtime=1_000_000_000), file("d/f", "f", mtime=1_600_000_000),
                           directory("d/e", mtime=1_100_000_000)),
               L(file("d/e/late", "l", mtime=1_700_000_000)))
-    assert ex.listing["d"][4] == 1_000_000_000
-    assert ex.listing["d/e"][4] == 1_100_000_000
-    assert ex.listing["d/f"][4] == 1_600_000_000
+    assert ex.listing["d"][4] == 1_000_000_000 * 10**9
+    assert ex.listing["d/e"][4] == 1_100_000_000 * 10**9
+    assert ex.listing["d/f"][4] == 1_600_000_000 * 10**9
 
 
 def test_many_layers_mixed_compression(both: Any) -> None:
@@ -375,3 +375,19 @@ def test_hardlink_header_carries_the_inode_owners_metadata(both: Any) -> None:
                       if k.startswith("SCHILY.xattr.")}
     assert xattrs["SCHILY.xattr.user.origin"] == "owner"
     assert "SCHILY.xattr.security.capability" in xattrs
+
+
+def test_sub_second_mtimes_agree_to_the_nanosecond(both: Any) -> None:
+    # A float mtime near 1.65e9 s has ~240 ns of resolution; every output gives it the
+    # nanoseconds of its exact value (floor of the seconds plus the rounded fraction):
+    # 1_650_000_000.123456789 is stored as 1650000000.12345671653747558..., so ...717 ns.
+    # ``round(mtime * 1e9)`` would say ...768.
+    ex = both("sub-second",
+              L(directory("d", mtime=1_650_000_000.25),
+                file("d/ns", "ns", mtime=1_650_000_000.123456789),
+                symlink("d/link", "ns", mtime=1_650_000_000.5),
+                file("d/old", "o", mtime=-1.5)))
+    assert ex.listing["d/ns"][4] == 1_650_000_000_123_456_717
+    assert ex.listing["d"][4] == 1_650_000_000_250_000_000
+    assert ex.listing["d/link"][4] == 1_650_000_000_500_000_000
+    assert ex.listing["d/old"][4] == -1_500_000_000

@@ -130,8 +130,8 @@ def tree_listing(root: Path, *, skip: tuple[str, ...] = ("lost+found",),
             row: tuple[Any, ...] = (kind, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, size,
                                     content, xattrs)
             if with_mtime:
-                # microseconds: a float mtime in the index cannot carry every nanosecond,
-                # and the writers may round its last bits differently
-                row += (round(st.st_mtime_ns, -3),)
+                # nanoseconds: every method gives a float mtime the same ones
+                # (worker.flatten.times)
+                row += (st.st_mtime_ns,)
             out[rel] = row
     return out

@@ -121,7 +121,8 @@ def test_three_methods_build_clean_equivalent_trees(tmp_path: Path) -> None:
     assert stream["home/user/big-ids"][2:4] == (3_000_000_000, 4_000_000_000)
     assert stream["etc/passwd"][7] == 1_234_567_890 * 10**9
     assert stream["var/sub-second"][7] == 1_650_000_000_250_000_000
-    assert stream["var/sub-second/ns"][7] == 1_650_000_000_123_457_000
+    # the float's exact value to the nanosecond (round(mtime * 1e9) would give ...768)
+    assert stream["var/sub-second/ns"][7] == 1_650_000_000_123_456_717
     assert stream["var/sub-second/link"][7] == 1_650_000_000_500_000_000
     assert stream["usr/lib-long"][5] == "/" + "very-long-target/" * 8
     assert stream["non-utf8-\udcff"][5] == hashlib.sha256(b"n").hexdigest()

@@ -155,6 +155,14 @@ def test_time_split_and_ext4_extra_encoding() -> None:
     assert _split_time(float("nan")) == (0, 0)
     assert _split_time(1e30) == (2**34, 0) and _split_time(float("-inf")) == (-(2**33), 0)
     assert _subsecond_commands("/f", IndexEntry("f", EntryKind.FILE, mtime=5.0)) == []
+    # one conversion for every writer: the dir writer's nanoseconds and the tar's PAX mtime
+    from worker.flatten.times import pax_time, split_time, to_ns
+    assert split_time(1_650_000_000.123456789) == (1_650_000_000, 123_456_717)
+    assert to_ns(1_650_000_000.123456789) == 1_650_000_000_123_456_717
+    assert to_ns(-1.5) == -1_500_000_000 and to_ns(float("nan")) == 0
+    assert to_ns(1e30) < 1 << 63 and to_ns(float("-inf")) > -(1 << 63)
+    assert pax_time(1_650_000_000.123456789) == "1650000000.123456717"
+    assert pax_time(-1.5) == "-1.5" and pax_time(-0.25) == "-0.25" and pax_time(7.0) == "7"
     # beyond 2038 the two low bits of the extra field extend the 32-bit seconds
     late = IndexEntry("f", EntryKind.FILE, mtime=float(2**31 + 5) + 0.5)
     assert _subsecond_commands("/f", late) == [f'sif "/f" mtime_extra {(500_000_000 << 2) | 1}']

@@ -32,6 +32,7 @@ from worker.errors import Canceled, PackagingError, UnsafeLayerEntry
 from worker.flatten.plan import FlatPlan, PlannedEntry
 from worker.flatten.reader import BlobLocator, LayerStream
 from worker.flatten.tarout import sparse_map
+from worker.flatten.times import to_ns
 from worker.progress import Phase, ProgressCallback, ProgressEvent, no_progress
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -57,18 +58,6 @@ class DirReport:
 def _split(path: str) -> tuple[str, str]:
     head, _, tail = path.rpartition("/")
     return head or ".", tail
-
-
-_NS_MAX = (1 << 63) - 1
-
-
-def _ns(mtime: float) -> int:
-    """Seconds -> nanoseconds for utime; hostile values (inf, 1e30) are clamped, not a crash
-    (the kernel clamps further to what the filesystem can store)."""
-    if mtime != mtime:          # NaN
-        return 0
-    return max(-_NS_MAX, min(_NS_MAX, int(round(mtime * 1_000_000_000))
-                             if abs(mtime) < 1e10 else (_NS_MAX if mtime > 0 else -_NS_MAX)))
 
 
 class _Dirs:
@@ -160,7 +149,7 @@ class _Applier:
         self._chown(fd, e)
         os.fchmod(fd, e.mode & 0o7777)
         self._xattrs(fd, e)
-        os.utime(fd, ns=(_ns(e.mtime), _ns(e.mtime)))
+        os.utime(fd, ns=(to_ns(e.mtime), to_ns(e.mtime)))
 
     def _name_meta(self, dfd: int, name: str, e: IndexEntry, *, symlink: bool) -> None:
         self._chown(name, e, dir_fd=dfd)
@@ -171,7 +160,7 @@ class _Applier:
             # setxattr has no *at form: go through the directory descriptor's /proc link; the
             # last component is not followed (lsetxattr).
             self._xattrs(f"/proc/self/fd/{dfd}/{name}", e)
-        os.utime(name, ns=(_ns(e.mtime), _ns(e.mtime)), dir_fd=dfd, follow_symlinks=False)
+        os.utime(name, ns=(to_ns(e.mtime), to_ns(e.mtime)), dir_fd=dfd, follow_symlinks=False)
 
     # -- nodes -------------------------------------------------------------------------------
     def mkdir(self, pe: PlannedEntry) -> None:

@@ -36,6 +36,7 @@ from worker.cache.index import EntryKind, IndexEntry
 from worker.errors import Canceled, CorruptLayer, PackagingError
 from worker.flatten.plan import FlatPlan, PlannedEntry
 from worker.flatten.reader import BlobLocator, LayerStream
+from worker.flatten.times import pax_time
 from worker.progress import Phase, ProgressCallback, ProgressEvent, no_progress
 
 BLOCKSIZE = 512
@@ -112,6 +113,8 @@ def _tarinfo(path: str, e: IndexEntry, kind: EntryKind, *, linkname: str = "",
     ti.uid, ti.gid = e.uid, e.gid
     ti.uname = ti.gname = ""
     ti.mtime = _mtime(e)
+    if isinstance(ti.mtime, float):   # the nanoseconds every other writer gives this mtime
+        ti.pax_headers = {"mtime": pax_time(ti.mtime)}
     ti.size = size
     ti.linkname = linkname
     if kind in (EntryKind.CHAR, EntryKind.BLOCK):

@@ -46,7 +46,6 @@ import fcntl
 import hashlib
 import json
 import logging
-import math
 import os
 import shutil
 import stat
@@ -63,6 +62,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, cast
 from worker.cache.index import EntryKind, IndexEntry
 from worker.errors import Canceled, ConfigError, PackagingError, RootfsExportError, ToolMissing
 from worker.flatten.plan import FlatPlan
+from worker.flatten.times import EXT4_RANGE, split_time
 from worker.package.e2fs import (
     BLOCK_SIZE,
     FIXED_TIME,
@@ -564,17 +564,8 @@ def _metadata_commands(target: str, entry: IndexEntry) -> list[str]:
 
 
 def _split_time(mtime: float) -> tuple[int, int]:
-    """(seconds, nanoseconds) of a float mtime; hostile values (NaN, inf, 1e30) are clamped.
-
-    Split before scaling: ``mtime * 1e9`` would lose the fraction to float rounding (a float
-    near 1.6e9 s has ~240 ns of resolution, its product with 1e9 far less).
-    """
-    if mtime != mtime:   # NaN
-        return 0, 0
-    mtime = max(-(2.0 ** 33), min(2.0 ** 34, mtime))   # what ext4's 34-bit seconds hold
-    seconds = math.floor(mtime)
-    ns = min(999_999_999, round((mtime - seconds) * 1_000_000_000))
-    return seconds, ns
+    """(seconds, nanoseconds) of an mtime within what ext4 holds."""
+    return split_time(mtime, EXT4_RANGE)
 
 
 def _time_commands(target: str, entry: IndexEntry) -> list[str]:
