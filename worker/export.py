@@ -302,22 +302,21 @@ def _build_with(resolved: ResolvedImage, layers: list[LayerIndex], request: Expo
         else:
             from worker.package.ext4 import build_ext4
 
-            dir_warnings: list[str] = []
-
             def tar_writer(f: BinaryIO) -> None:
                 write_tar(plan, f, locate, progress=progress, cancel=cancel,
                           on_layer_done=layer_done)
 
             def dir_writer(target: Path) -> None:
-                r = apply_plan(plan, target, locate, progress=progress, cancel=cancel,
-                               on_layer_done=layer_done)
-                dir_warnings.extend(r.warnings)
+                # Its report's warnings (e.g. ownership a non-root writer could not set in
+                # the staging tree) are not the image's: the ext4 build restores that with
+                # debugfs, and Ext4Build.warnings says what the image really lacks.
+                apply_plan(plan, target, locate, progress=progress, cancel=cancel,
+                           on_layer_done=layer_done)
 
             build = build_ext4(plan, request, settings, identity=identity,
                                write_tar=tar_writer, write_dir=dir_writer, progress=progress,
                                cancel=cancel)
             output, size, sha = str(build.output), build.output_size, build.sha256
-            warnings.extend(dir_warnings)
             warnings.extend(build.warnings)
             extra.update(build.extra())
             timings["package"] = time.monotonic() - t

@@ -102,3 +102,33 @@ def test_dir_method_as_nobody_warns_or_refuses_what_it_cannot_restore(shared_tmp
     report = run_unprivileged(shared_tmp, "dir", "--newline")
     assert report.get("error") is None, report
     assert any("cannot address" in w for w in report["warnings"])
+
+
+def test_ext4_dir_export_as_nobody_reports_only_the_images_warnings(
+        registry: Any, shared_tmp: Path) -> None:
+    # The dir writer, as non-root, cannot chown the staging tree and says so in its own report;
+    # the dir method restores those owners in the image, so the export must not repeat it.
+    from tests.support.imagebuilder import Layer, file, push_image
+
+    img = push_image(registry, "package/nobody-dir", "v1", [Layer.from_entries([
+        file("etc/owned", "x", uid=1234, gid=4321, mode=0o640), file("etc/mine", "y")])])
+    work = shared_tmp / "work"
+    work.mkdir()
+    os.chown(work, NOBODY, NOBODY)
+    (work / "docker").mkdir()
+    os.chown(work / "docker", NOBODY, NOBODY)
+    exe = str(Path(sys.executable).parent / "rootfs-export")
+    out = work / "root.ext4"
+    proc = subprocess.run(
+        ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", exe,
+         "export", img.reference, "-o", str(out), "--ext4-method", "dir", "--json",
+         "--cache-dir", str(work / "cache")],
+        capture_output=True, text=True, timeout=300,
+        env=dict(os.environ, DOCKER_CONFIG=str(work / "docker"), TMPDIR=str(work)))
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["extra"]["ext4_method"] == "dir"
+    assert doc["warnings"] == [], doc["warnings"]
+    assert "could not be preserved" not in proc.stderr
+    st = debugfs(out, "stat /etc/owned")
+    assert "User:  1234   Group:  4321" in st and "Mode:  0640" in st
