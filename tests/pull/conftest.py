@@ -58,7 +58,8 @@ class FakeServer:
     lying_blobs: dict[str, bytes] = field(default_factory=dict)    # digest -> served bytes
     drop_after: dict[str, int] = field(default_factory=dict)       # digest -> bytes, once
     ignore_range: bool = False
-    # path substring -> list of (status, headers) served (and consumed) before success
+    # path substring -> list of (status, headers) served (and consumed) before success;
+    # status 0 drops the connection without an answer
     failures: dict[str, list[tuple[int, dict[str, str]]]] = field(default_factory=dict)
     bearer: bool = False
     token_lifetime: int | None = 300
@@ -175,8 +176,12 @@ def _make_handler(state: FakeServer) -> type[BaseHTTPRequestHandler]:
                         status, headers = queue.pop(0)
                         break
                 else:
-                    status = 0
-            if status:
+                    status = -1
+            if status == 0:
+                self.close_connection = True
+                self.connection.shutdown(socket.SHUT_RDWR)
+                return
+            if status > 0:
                 return self._error(status, "TOOMANYREQUESTS" if status == 429 else "UNAVAILABLE",
                                    "try later", headers)
             if path == "/token":

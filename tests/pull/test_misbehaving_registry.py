@@ -230,6 +230,34 @@ def test_bearer_token_flow_scopes_and_reuse(fake_registry: FakeServer, fast: Any
     assert all(t["authorization"] == "" for t in fake_registry.token_requests)
 
 
+def test_token_endpoint_failures_are_retried_like_registry_requests(
+        fake_registry: FakeServer, fast: Any) -> None:
+    fake_registry.bearer = True
+    img = fake_registry.add_image("app", "v1", [gz_layer(1, 100)])
+    # a 503, a 429 with Retry-After, a dropped connection, then the token
+    fake_registry.failures["/token"] = [(503, {}), (429, {"Retry-After": "1"}), (0, {})]
+    start = time.monotonic()
+    (index,) = pull(img.reference, fast)
+    assert index.digest == img.layer_digests[0]
+    assert time.monotonic() - start >= 0.9           # Retry-After honoured (backoff: ~0.01 s)
+    # each failure was retried: the three failures, then one answered request per token
+    assert len(fake_registry.requests_to("/token")) == 3 + len(fake_registry.token_requests)
+    # retries exhausted (fast: 3 retries): a transient error naming the token service
+    before = len(fake_registry.requests_to("/token"))
+    fake_registry.failures["/token"] = [(503, {})] * 10
+    with pytest.raises(RegistryError) as info:
+        resolve(img.reference, None, fast)
+    assert info.value.transient and info.value.status == 503
+    assert "token service" in str(info.value) and "4 attempts" in str(info.value)
+    assert len(fake_registry.requests_to("/token")) - before == 4
+    before = len(fake_registry.requests_to("/token"))
+    fake_registry.failures["/token"] = [(0, {})] * 10
+    with pytest.raises(RegistryError) as info:
+        resolve(img.reference, None, fast)
+    assert info.value.transient and "token service" in str(info.value)
+    assert len(fake_registry.requests_to("/token")) - before == 4
+
+
 def test_bearer_token_expiry_and_access_token_key(fake_registry: FakeServer, fast: Any) -> None:
     fake_registry.bearer = True
     fake_registry.token_lifetime = 7      # minus the 5 s safety margin: ~2 s

@@ -6,7 +6,9 @@ Basic credentials) or anonymously. A 401 from the registry host is answered from
 realm (with Basic credentials or an identity token if we have them) and retries once; ``Basic``
 retries once with the credentials. Tokens are cached per (realm, service, scope) until
 ``expires_in`` (60 s when absent). Nothing is ever sent to a host other than the registry's
-(redirect targets) or the token realm it named.
+(redirect targets) or the token realm it named. Token requests are retried like every registry
+request (429/5xx and dropped connections, with backoff and ``Retry-After``:
+:func:`~worker.pull.transport.request_with_retries`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from requests.auth import AuthBase
 
 from worker.errors import AuthenticationError, RegistryError
 from worker.pull.credentials import Credentials
+from worker.pull.transport import RETRY_STATUS, request_with_retries
+from worker.settings import Settings
 
 DEFAULT_TOKEN_LIFETIME = 60.0
 #: refresh a token this long before it expires, so it does not expire in flight
@@ -70,11 +74,11 @@ class RegistryAuth(AuthBase):
     """Challenge-driven auth for one registry host; thread-safe, shared by a client's threads."""
 
     def __init__(self, registry_url: str, credentials: Credentials | None,
-                 session: requests.Session, *, timeout: Any = None) -> None:
+                 session: requests.Session, settings: Settings) -> None:
         self.netloc = _netloc(registry_url)
         self.credentials = credentials
         self._session = session
-        self._timeout = timeout
+        self._settings = settings
         self._lock = threading.Lock()
         self._tokens: dict[tuple[str, str, str], tuple[str, float]] = {}
         # what each repository (None: the /v2/ root) was last challenged with
@@ -171,22 +175,20 @@ class RegistryAuth(AuthBase):
         self.token_fetches += 1
         creds = self.credentials
         where = f"token service {urllib.parse.urlsplit(realm).netloc}"
-        try:
-            if creds is not None and creds.identity_token:
-                data = {"grant_type": "refresh_token", "refresh_token": creds.identity_token,
-                        "service": service, "client_id": "rootfs-export"}
-                if scope:
-                    data["scope"] = scope
-                resp = self._session.post(realm, data=data, timeout=self._timeout,
-                                          allow_redirects=False)
-            else:
-                params = {k: v for k, v in (("service", service), ("scope", scope)) if v}
-                basic = creds.basic if creds else None
-                resp = self._session.get(realm, params=params, timeout=self._timeout,
-                                         auth=basic)
-        except requests.RequestException as exc:
-            raise RegistryError(f"{where} unreachable: {type(exc).__name__}",
-                                transient=True) from None
+        # 429/5xx and dropped connections are retried like any registry request; what is
+        # left after the retries (or any other status) is judged below.
+        if creds is not None and creds.identity_token:
+            data = {"grant_type": "refresh_token", "refresh_token": creds.identity_token,
+                    "service": service, "client_id": "rootfs-export"}
+            if scope:
+                data["scope"] = scope
+            resp = request_with_retries(self._session, "POST", realm, settings=self._settings,
+                                        what=where, data=data, allow_redirects=False)
+        else:
+            params = {k: v for k, v in (("service", service), ("scope", scope)) if v}
+            basic = creds.basic if creds else None
+            resp = request_with_retries(self._session, "GET", realm, settings=self._settings,
+                                        what=where, params=params, auth=basic)
         if resp.status_code in (401, 403):
             who = f"as {creds.username!r}" if creds and creds.username else "anonymously"
             raise AuthenticationError(f"{where} refused a token {who} for scope {scope!r} "
@@ -194,8 +196,11 @@ class RegistryAuth(AuthBase):
                                       "(--username/--password-stdin or docker login)",
                                       status=resp.status_code)
         if resp.status_code != 200:
-            raise RegistryError(f"{where} answered HTTP {resp.status_code}",
-                                status=resp.status_code, transient=resp.status_code >= 500)
+            tries = "" if resp.status_code not in RETRY_STATUS else \
+                f" after {self._settings.retries + 1} attempts"
+            raise RegistryError(f"{where} answered HTTP {resp.status_code}{tries}",
+                                status=resp.status_code,
+                                transient=resp.status_code in RETRY_STATUS)
         try:
             body = resp.json()
             token = body.get("token") or body.get("access_token")

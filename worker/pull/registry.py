@@ -45,7 +45,6 @@ from worker.pull.transport import (
     request_with_retries,
     scheme_for,
     sleep,
-    timeouts,
 )
 from worker.settings import Settings
 
@@ -83,7 +82,7 @@ class RegistryClient:
             source = credentials if credentials is not None else CredentialSource()
             creds = source.get(registry)
         self.session = session or make_session(settings)
-        self.auth = RegistryAuth(self.base_url, creds, self.session, timeout=timeouts(settings))
+        self.auth = RegistryAuth(self.base_url, creds, self.session, settings)
 
     @classmethod
     def for_reference(cls, ref: Reference, settings: Settings, *,
