@@ -38,7 +38,8 @@ class Settings(BaseSettings):
     cache_dir: Path = Field(default_factory=_default_cache_dir,
                             description="content-addressed blob cache, shareable between hosts")
     cache_max_size: int | None = Field(default=None, ge=0,
-                                       description="bytes; `cache gc` evicts LRU blobs above it")
+                                       description="bytes; the CLI's pull and export evict LRU "
+                                       "blobs above it when they succeed")
     output_dir: Path = Field(default=Path("/var/lib/rootfs-export/outputs"),
                              description="where the service writes job outputs")
 

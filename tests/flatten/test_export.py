@@ -308,3 +308,51 @@ def test_add_local_files_on_top_in_dir_and_tar(small_image: Any, tmp_path: Path)
                             "--add", f"{cfg}:/../../escape")
     assert rc != 0 and "escape" in err
     assert not (tmp_path / "bad").exists() and not (tmp_path.parent / "escape").exists()
+
+
+def test_cache_max_size_is_kept_after_pull_and_export(registry: Any, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: Any) -> None:
+    from worker.cli import main
+
+    imgs = [push_image(registry, f"export/gc-{n}", "v1", [Layer.from_entries(
+        [file(f"{n}.bin", os.urandom(300_000))], compression="none")]) for n in "abc"]
+    cache_dir = tmp_path / "cache"
+    cache = BlobCache(cache_dir)
+
+    def cached() -> set[str]:
+        return {e.digest for e in cache.entries()}
+
+    def run(*argv: str) -> tuple[int, str, str]:
+        capsys.readouterr()
+        rc = main([*argv, "--cache-dir", str(cache_dir)])
+        cap = capsys.readouterr()
+        return rc, cap.out, cap.err
+
+    # unset: nothing is evicted
+    monkeypatch.delenv("ROOTFS_EXPORT_CACHE_MAX_SIZE", raising=False)
+    for img in imgs[:2]:
+        assert run("pull", img.reference)[0] == 0
+    a, b, c = (img.layer_digests[0] for img in imgs)
+    assert {a, b} <= cached()
+    one_layer = max(e.size for e in cache.entries())
+    # room for about one layer: an export evicts the least recently used blobs, never the
+    # image it just wrote (used last)
+    monkeypatch.setenv("ROOTFS_EXPORT_CACHE_MAX_SIZE", str(one_layer + 100_000))
+    rc, out, err = run("export", imgs[2].reference, "-o", str(tmp_path / "c.tar"),
+                       "--format", "tar", "--json")
+    assert rc == 0, err
+    assert json.loads(out)["format"] == "tar"          # stdout stays one JSON object
+    assert c in cached() and a not in cached() and b not in cached()
+    assert "evicted" in err and "ROOTFS_EXPORT_CACHE_MAX_SIZE" in err
+    assert cache.total_size() <= one_layer + 100_000
+    # pull too; a blob another job is reading (shared lock) is never evicted, even at 0
+    monkeypatch.setenv("ROOTFS_EXPORT_CACHE_MAX_SIZE", "0")
+    with cache.lock(c, shared=True):
+        rc, _, err = run("pull", imgs[0].reference)
+        assert rc == 0, err
+        assert cached() == {c}
+    monkeypatch.setenv("ROOTFS_EXPORT_CACHE_MAX_SIZE", str(one_layer + 100_000))
+    rc, _, err = run("pull", imgs[1].reference)
+    assert rc == 0, err
+    assert b in cached() and a not in cached() and c not in cached()

@@ -9,6 +9,7 @@ import sys
 
 from worker.cache.blobs import BlobCache
 from worker.commands.common import human_size, parse_size, settings_from_args
+from worker.settings import Settings
 
 
 def cmd_cache_ls(args: argparse.Namespace) -> int:
@@ -41,3 +42,28 @@ def cmd_cache_gc(args: argparse.Namespace) -> int:
     print(f"{len(evicted)} blobs evicted, {human_size(sum(e.size for e in evicted))} freed; "
           f"cache now {human_size(cache.total_size())}")
     return 0
+
+
+def gc_after_use(settings: Settings) -> None:
+    """After a successful ``pull`` or ``export``: keep the cache within
+    ``ROOTFS_EXPORT_CACHE_MAX_SIZE`` when it is set (LRU eviction, as ``cache gc --max-size``).
+
+    The image just used was touched last, so it goes last; blobs another process holds a lock
+    on (reading or writing them) are skipped. Said on stderr (stdout may carry ``--json``); a
+    failure here is a warning, never a failed command: the output is already in place.
+    """
+    if settings.cache_max_size is None:
+        return
+    cache = BlobCache(settings.cache_dir)
+    try:
+        evicted = cache.gc(settings.cache_max_size)
+        total = cache.total_size()
+    except OSError as exc:
+        print(f"rootfs-export: warning: cache gc in {settings.cache_dir} failed: "
+              f"{exc.strerror or exc}", file=sys.stderr)
+        return
+    if evicted:
+        print(f"cache: evicted {len(evicted)} least recently used blobs "
+              f"({human_size(sum(e.size for e in evicted))}) to stay within "
+              f"ROOTFS_EXPORT_CACHE_MAX_SIZE={human_size(settings.cache_max_size)}; "
+              f"cache now {human_size(total)}", file=sys.stderr)

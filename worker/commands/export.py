@@ -9,6 +9,7 @@ import threading
 import time
 from typing import TextIO
 
+from worker.commands.cache import gc_after_use
 from worker.commands.common import (
     credentials_from_args,
     human_size,
@@ -172,4 +173,5 @@ def cmd_export(args: argparse.Namespace) -> int:
         sys.stdout.flush()
     else:
         print(_summary(result), file=sys.stderr if request.output == "-" else sys.stdout)
+    gc_after_use(settings)
     return 0

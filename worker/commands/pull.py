@@ -9,6 +9,7 @@ import threading
 from typing import Any, TextIO
 
 from worker.cache.blobs import BlobCache
+from worker.commands.cache import gc_after_use
 from worker.commands.common import credentials_from_args, human_size, settings_from_args
 from worker.progress import LayerState, ProgressEvent
 from worker.pull.fetch import fetch_layers
@@ -117,4 +118,5 @@ def cmd_pull(args: argparse.Namespace) -> int:
     usize = sum(i.uncompressed_size for i in indexes)
     print(f"pulled {resolved.reference}@{resolved.manifest_digest}: {len(indexes)} layers, "
           f"{entries} entries, {human_size(usize)} uncompressed, cache {settings.cache_dir}")
+    gc_after_use(settings)
     return 0
