@@ -391,8 +391,9 @@ def task_started(url: str, task_id: str, *, kind: str, job_id: str | None = None
                  build_id: str | None = None, attempt: int = 1, layer: int | None = None,
                  digest: str | None = None, worker: str | None = None,
                  pid: int | None = None, fresh_seconds: float | None = None,
-                 pid_alive: Callable[[int], bool] | None = None) -> bool:
-    """Record that a task execution starts; False if another live execution already runs it.
+                 pid_alive: Callable[[int], bool] | None = None) -> int:
+    """Record that a task execution starts and return how many times it has been delivered;
+    0 if another live execution already runs it.
 
     The broker may hand a message out again while its first execution still runs (Redis
     redelivers unacknowledged messages after the visibility timeout). A row with a heartbeat
@@ -408,20 +409,20 @@ def task_started(url: str, task_id: str, *, kind: str, job_id: str | None = None
                                 attempt=attempt, layer=layer, digest=digest, worker=worker,
                                 pid=pid, state=TASK_STARTED, deliveries=1, started_at=now,
                                 heartbeat_at=now))
-                return True
+                return 1
             if (row.state == TASK_STARTED and fresh_seconds is not None
                     and row.heartbeat_at > now - dt.timedelta(seconds=fresh_seconds)
                     and (row.worker, row.pid) != (worker, pid)):
                 other_worker = row.worker != worker
                 if other_worker or (row.pid is not None and pid_alive is not None
                                     and pid_alive(row.pid)):
-                    return False
+                    return 0
             row.worker, row.pid, row.state = worker, pid, TASK_STARTED
             row.deliveries += 1
             row.heartbeat_at, row.finished_at = now, None
-            return True
+            return row.deliveries
     except IntegrityError:
-        return False     # a concurrent delivery of the same task recorded itself first
+        return 0     # a concurrent delivery of the same task recorded itself first
 
 
 def task_heartbeat(url: str, task_id: str) -> None:

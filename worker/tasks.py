@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import socket
 import threading
 import time
@@ -47,6 +48,8 @@ log = logging.getLogger(__name__)
 
 #: Celery-level retries of a transient registry failure (the transport already retried)
 FETCH_RETRIES = 4
+#: deliveries of one task (each ended by its process dying) before the job fails
+MAX_DELIVERIES = 3
 #: seconds between progress writes to the job store and the result backend
 PROGRESS_INTERVAL = 0.5
 
@@ -96,6 +99,7 @@ class Watcher:
                 if time.monotonic() - last_beat >= self._beat:
                     store.task_heartbeat(self.url, self.task_id)
                     last_beat = time.monotonic()
+                    log.debug("task %s: heartbeat", self.task_id)
             except Exception:   # a database hiccup must not kill the task; next poll retries
                 log.warning("watcher for task %s: database error", self.task_id, exc_info=True)
 
@@ -141,12 +145,27 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _start_row(url: str, task: Task, settings: Settings, **fields: Any) -> str | None:
-    """Record this execution; None if a live execution of the same task already runs."""
+    """Record this execution; None if a live execution of the same task already runs, or if
+    the task has killed its worker process too often (it is then failed, not retried)."""
     task_id = str(task.request.id or uuid.uuid4())
-    ok = store.task_started(url, task_id, worker=_worker_name(task), pid=os.getpid(),
-                            fresh_seconds=settings.stale_job_seconds, pid_alive=_pid_alive,
-                            **fields)
-    return task_id if ok else None
+    deliveries = store.task_started(url, task_id, worker=_worker_name(task), pid=os.getpid(),
+                                    fresh_seconds=settings.stale_job_seconds,
+                                    pid_alive=_pid_alive, **fields)
+    if not deliveries:
+        return None
+    if deliveries > MAX_DELIVERIES:
+        # Each delivery died with its process (typically the OOM killer): a poison message.
+        what = f"the {fields.get('kind')} task" + (
+            f" of layer {fields['digest']}" if fields.get("digest") else "")
+        error = (f"{what} was started {deliveries - 1} times and its worker process died each "
+                 "time (out of memory?)")
+        store.task_finished(url, task_id, TASK_FAILED)
+        if fields.get("build_id"):
+            store.finish_build(url, fields["build_id"], FAILED, error=error)
+        elif fields.get("job_id"):
+            store.fail_job(url, fields["job_id"], error)
+        return None
+    return task_id
 
 
 # -- launching -----------------------------------------------------------------------------------
@@ -335,18 +354,22 @@ def package_task(self: Task, fetched: list[Any] | None = None, *, build_id: str,
     info = store.get_build(url, build_id)
     if info is None or not info.active:
         return {"build": build_id, "skipped": "build is no longer running"}
+    out = output_path(settings, build_id, info.format)
     started = _start_row(url, self, settings, kind="package", build_id=build_id,
                          attempt=info.attempt)
     if started is None:
+        if not store.build_is_active(url, build_id):
+            _remove_output(out)     # failed as a poison message: leave nothing behind
+            return {"build": build_id, "error": "its worker process died too often"}
         return {"build": build_id, "skipped": "already running elsewhere"}
     task_id = started
     if not store.claim_package(url, build_id, task_id):
         store.task_finished(url, task_id)
         return {"build": build_id, "skipped": "another package task owns this build"}
     resolved = ResolvedImage.from_dict(info.resolved)
-    out = output_path(settings, build_id, info.format)
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_output(out)     # a redelivered task starts from scratch
+    _remove_abandoned_temporaries(url, out.parent)
     throttle = Throttle()
 
     def progress(event: ProgressEvent) -> None:
@@ -358,9 +381,11 @@ def package_task(self: Task, fetched: list[Any] | None = None, *, build_id: str,
                 log.warning("progress write failed for build %s", build_id, exc_info=True)
 
     with Watcher(url, task_id, build_id, stale_seconds=settings.stale_job_seconds) as watch:
+        log.info("build %s: packaging %s as %s into %s", build_id, image, info.format, out)
         try:
             layers = [export.fetch_layer(resolved, i, settings, cancel=watch.cancel)
                       for i in range(len(resolved.layers))]
+            log.info("build %s: %d layers ready in the cache", build_id, len(layers))
             request = export_request(info.image, info.format, info.options, str(out),
                                      platform=str(resolved.platform))
             result = export.build_output(resolved, layers, request, settings,
@@ -448,6 +473,33 @@ def relaunch_task(self: Task, build_id: str) -> dict[str, Any]:
     """Send a build's chord again (after a worker vanished). Sent by the API's sweep, so that
     chords are only ever built inside workers."""
     return {"build": build_id, "tasks": len(launch_build(build_id))}
+
+
+_TEMP_NAME = re.compile(r"^\.(?P<build>[0-9a-f]{32})\.")
+
+
+def _remove_abandoned_temporaries(url: str, output_dir: Path) -> None:
+    """Remove engine temporaries (``.BUILD.ext4.*``) of builds no longer running here: what a
+    worker killed mid-package left behind before its build was relaunched or failed."""
+    try:
+        names = [p for p in output_dir.iterdir() if _TEMP_NAME.match(p.name)]
+    except OSError:
+        return
+    ended: dict[str, bool] = {}
+    for path in names:
+        m = _TEMP_NAME.match(path.name)
+        assert m is not None
+        build = m.group("build")
+        if build not in ended:
+            ended[build] = not store.build_is_active(url, build)
+        if ended[build]:
+            log.info("removing %s, left by an ended build", path)
+            if path.is_dir() and not path.is_symlink():
+                from worker.flatten.dirout import remove_tree
+
+                remove_tree(path)
+            else:
+                path.unlink(missing_ok=True)
 
 
 def sweep(settings: Settings | None = None) -> store.SweepActions:

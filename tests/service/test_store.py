@@ -217,14 +217,14 @@ def test_a_live_execution_keeps_its_task(migrated_db: str) -> None:
     alive = {101: True, 102: False}
     kw: dict[str, Any] = {"kind": "package", "build_id": "b1", "fresh_seconds": 60,
                           "pid_alive": lambda pid: alive.get(pid, False)}
-    assert store.task_started(url, "t", worker="a@h", pid=101, **kw)
-    assert not store.task_started(url, "t", worker="b@h", pid=7, **kw)      # other worker
+    assert store.task_started(url, "t", worker="a@h", pid=101, **kw) == 1
+    assert store.task_started(url, "t", worker="b@h", pid=7, **kw) == 0     # other worker
     alive[101] = False                                  # the pool process was killed
-    assert store.task_started(url, "t", worker="a@h", pid=102, **kw)
+    assert store.task_started(url, "t", worker="a@h", pid=102, **kw) == 2
     rows = store.build_tasks(url, "b1")
     assert rows[0]["pid"] == 102 and rows[0]["deliveries"] == 2
     _age_task(url, "t", 120)                            # its heartbeat stopped long ago
-    assert store.task_started(url, "t", worker="b@h", pid=7, **kw)
+    assert store.task_started(url, "t", worker="b@h", pid=7, **kw) == 3
 
 
 def test_build_nobody_works_on_fails_eventually(migrated_db: str) -> None:
