@@ -25,12 +25,30 @@ from tests.support._proc import free_port
 pytestmark = pytest.mark.timeout(240)
 
 DOC = REPO / "docs" / "service.md"
+README = REPO / "README.md"
+MARKERS = ("start", "try", "stop")
+
+
+def published() -> str:
+    """README's "Run as a service" section once merged there, else docs/service.md."""
+    readme = README.read_text()
+    if "<!-- service:start -->" in readme:
+        return readme[readme.index("## Run as a service"):]
+    return DOC.read_text()
 
 
 def block(text: str, marker: str) -> str:
     m = re.search(rf"<!-- service:{marker} -->\s*```sh\n(.*?)```", text, re.DOTALL)
-    assert m, f"docs/service.md has no ```sh block after <!-- service:{marker} -->"
+    assert m, f"no ```sh block after <!-- service:{marker} -->"
     return m.group(1)
+
+
+def test_readme_and_docs_show_the_same_commands() -> None:
+    """docs/service.md is the section's source; README.md carries a merged copy."""
+    readme = README.read_text()
+    assert "## Run as a service" in readme, "README.md lost its service section"
+    for marker in MARKERS:
+        assert block(readme, marker) == block(DOC.read_text(), marker), marker
 
 
 def shell_env() -> dict[str, str]:
@@ -45,8 +63,8 @@ def run(script: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedPro
 
 
 def test_pasted_service_section_runs_an_export(tmp_path: Path, registry: Any) -> None:
-    text = DOC.read_text()
-    assert text.startswith("## Run as a service")
+    assert DOC.read_text().startswith("## Run as a service")
+    text = published()
     image = push_small_image(registry, layers=3)
     workdir = tmp_path / "svc"
     ports = {"6380": str(free_port()), "8000": str(free_port()), "5555": str(free_port())}
@@ -58,7 +76,7 @@ def test_pasted_service_section_runs_an_export(tmp_path: Path, registry: Any) ->
             script = re.sub(rf"(?<![0-9]){old}(?![0-9])", new, script)
         return script
 
-    start, try_, stop = (adapt(block(text, m)) for m in ("start", "try", "stop"))
+    start, try_, stop = (adapt(block(text, m)) for m in MARKERS)
     api = f"http://127.0.0.1:{ports['8000']}"
     group: int | None = None
     try:
