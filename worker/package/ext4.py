@@ -15,8 +15,10 @@ Three methods produce equivalent trees (see :class:`~worker.export.Ext4Method`):
     filling one directory is quadratic in its size (see :data:`STREAM_DIR_LIMIT`).
 ``mount``
     an empty filesystem is loop-mounted (``nosuid,nodev,noexec``) and ``write_dir`` applies the
-    plan into the mount point; root only. Unmounted and detached on every path. The kernel's
-    journal and ctimes make it the one method whose bytes are not reproducible.
+    plan into the mount point; root only. Unmounted and detached on every path; what a run
+    killed outright (SIGKILL) left mounted or attached is found by the next mount-method run
+    and cleaned up (see mountstate.py). The kernel's journal and ctimes make it the one
+    method whose bytes are not reproducible.
 ``dir``
     ``write_dir`` applies the plan into a private staging directory (0700, inside the work
     directory next to the output), then ``mke2fs -d DIR``; debugfs then sets the root's
@@ -82,6 +84,7 @@ from worker.package.e2fs import (
 )
 from worker.package.features import mke2fs_option, resolve_features
 from worker.package.loop import loop_available, loop_mounted
+from worker.package.mountstate import image_name, mount_name, reap_stale
 from worker.package.sizing import (
     ContentNeeds,
     align_up,
@@ -214,7 +217,9 @@ def build_ext4(plan: FlatPlan, request: ExportRequest, settings: Settings, *,
     # A private work directory next to the output: the temporary image (renamed into place on
     # success), sizing probes, the staging directory and the mount point all live in it.
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    image = work / "image.ext4"
+    # The mount method's backing file and mount point carry this process's pid and start
+    # time in their names, so that a later run recognises them if we are killed (mountstate).
+    image = work / (image_name() if method == Ext4Method.MOUNT else "image.ext4")
     try:
         progress(ProgressEvent(Phase.PACKAGE, message=f"sizing ext4 image ({method} method)"))
         fs_bytes, inodes = _choose_geometry(work, needs, free_target, opts.size, alignment,
@@ -640,10 +645,12 @@ def _debugfs_fixups(image: Path, plan: FlatPlan, *, xattrs: str,
 
 def _build_mount(mkfs: list[str], image: Path, fs_bytes: int, work: Path, write_dir: DirWriter,
                  cancel: threading.Event | None) -> None:
+    # What a killed run left mounted (no cleanup runs on SIGKILL) is undone first.
+    reap_stale()
     run_tool([*mkfs, str(image), f"{fs_bytes // 1024}k"], what="mke2fs", timeout=3600)
-    mnt = work / "mnt"
+    mnt = work / mount_name()
     mnt.mkdir(mode=0o700)
-    with loop_mounted(image, mnt):
+    with loop_mounted(image, mnt, work=work):
         _check_cancel(cancel)
         write_dir(mnt)
         _check_cancel(cancel)
