@@ -152,9 +152,11 @@ class Stack:
         for _ in range(3):
             self.api_port = free_port()
             proc = self.spawn("api", [CLI, "serve", "--port", str(self.api_port)])
+            def up(p: Proc = proc) -> bool:
+                return not p.alive() or self._api_up()
+
             try:
-                wait_for(lambda p=proc: not p.alive() or self._api_up(), timeout, "the API",
-                         on_timeout=proc.log)
+                wait_for(up, timeout, "the API", on_timeout=proc.log)
             except AssertionError:
                 proc.stop()
                 raise

@@ -92,8 +92,14 @@ def test_pasted_service_section_runs_an_export(tmp_path: Path, registry: Any) ->
         # Both workers must be up before the export (the API answers sooner).
         for node in ("node1", "node2"):
             log = workdir / f"worker-{node}.log"
-            wait_for(lambda log=log: log.exists() and b" ready." in log.read_bytes(), 60,
-                     f"worker {node}", on_timeout=lambda log=log: log.read_text())
+
+            def ready(log: Path = log) -> bool:
+                return log.exists() and b" ready." in log.read_bytes()
+
+            def tail(log: Path = log) -> str:
+                return log.read_text() if log.exists() else "(no log)"
+
+            wait_for(ready, 60, f"worker {node}", on_timeout=tail)
 
         # The reader's shell is in the service directory after the start block.
         tried = run(try_, cwd=workdir)

@@ -173,19 +173,19 @@ def test_private_registry_credentials_stay_with_the_workers(
         r = redis.Redis.from_url(url)
         for key in r.scan_iter(count=1000):
             kind = r.type(key)
+            items: list[Any] = []
             if kind == b"string":
-                value = r.get(key) or b""
+                items = [r.get(key)]
             elif kind == b"list":
-                value = b"".join(r.lrange(key, 0, -1))
+                items = list(r.lrange(key, 0, -1))
             elif kind == b"hash":
-                value = b"".join(k + v for k, v in r.hgetall(key).items())
+                items = [x for kv in r.hgetall(key).items() for x in kv]
             elif kind == b"zset":
-                value = b"".join(r.zrange(key, 0, -1))
+                items = list(r.zrange(key, 0, -1))
             elif kind == b"set":
-                value = b"".join(r.smembers(key))
-            else:
-                value = b""
-            haystacks[f"redis {url} {key!r}"] = key + value
+                items = list(r.smembers(key))
+            value = b"".join(x if isinstance(x, bytes) else str(x).encode() for x in items)
+            haystacks[f"redis {url} {key!r}"] = bytes(key) + value
         r.close()
     assert len(haystacks) > 5
     for where, data in haystacks.items():
