@@ -31,3 +31,14 @@ def test_worker_queues_option() -> None:
 ])
 def test_loopback_detection(host: str, loopback: bool) -> None:
     assert is_loopback(host) is loopback
+
+
+def test_worker_command_rejects_a_bad_node_naming_the_option(tmp_path) -> None:
+    import subprocess
+
+    from tests.service.stack import CLI
+
+    out = subprocess.run([CLI, "worker", "--node", "a b"], capture_output=True, text=True,
+                         timeout=60, cwd=tmp_path, env={"PATH": "/usr/bin:/bin"})
+    assert out.returncode == 2
+    assert "--node 'a b'" in out.stderr and "package.NODE" in out.stderr

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from alembic.config import Config
 
 _QUEUE_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
+_NODE_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
 ALEMBIC_INI = MIGRATIONS_DIR.parent / "alembic.ini"
 
@@ -42,6 +43,9 @@ def worker_argv(*, node: str, queues: str | None, concurrency: int | None,
 def cmd_worker(args: argparse.Namespace) -> int:
     """Start a Celery worker in this process (``celery -A worker worker`` with our queues)."""
     if args.node:
+        if not _NODE_RE.match(args.node):
+            raise ConfigError(f"--node {args.node!r}: must be letters, digits, '-' or '_' "
+                              "(it names the Celery queue package.NODE)")
         # Before the Celery app (and the settings it caches) is imported: tasks read the node
         # from the settings to name and place their outputs.
         os.environ[ENV_PREFIX + "NODE"] = args.node
