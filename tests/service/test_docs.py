@@ -1,4 +1,4 @@
-"""docs/service.md's "Run as a service" commands, pasted into bash as a newcomer would.
+"""README.md's "Run as a service" commands, pasted into bash as a newcomer would.
 
 Only ports, the working directory and the image reference are substituted (the machine's
 Redis or another API may own the documented ports, and the test registry has its own port).
@@ -24,31 +24,21 @@ from tests.support._proc import free_port
 
 pytestmark = pytest.mark.timeout(240)
 
-DOC = REPO / "docs" / "service.md"
 README = REPO / "README.md"
 MARKERS = ("start", "try", "stop")
 
 
 def published() -> str:
-    """README's "Run as a service" section once merged there, else docs/service.md."""
+    """README's "Run as a service" section."""
     readme = README.read_text()
-    if "<!-- service:start -->" in readme:
-        return readme[readme.index("## Run as a service"):]
-    return DOC.read_text()
+    assert "## Run as a service" in readme, "README.md lost its service section"
+    return readme[readme.index("## Run as a service"):]
 
 
 def block(text: str, marker: str) -> str:
     m = re.search(rf"<!-- service:{marker} -->\s*```sh\n(.*?)```", text, re.DOTALL)
     assert m, f"no ```sh block after <!-- service:{marker} -->"
     return m.group(1)
-
-
-def test_readme_and_docs_show_the_same_commands() -> None:
-    """docs/service.md is the section's source; README.md carries a merged copy."""
-    readme = README.read_text()
-    assert "## Run as a service" in readme, "README.md lost its service section"
-    for marker in MARKERS:
-        assert block(readme, marker) == block(DOC.read_text(), marker), marker
 
 
 def shell_env() -> dict[str, str]:
@@ -63,7 +53,6 @@ def run(script: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedPro
 
 
 def test_pasted_service_section_runs_an_export(tmp_path: Path, registry: Any) -> None:
-    assert DOC.read_text().startswith("## Run as a service")
     text = published()
     image = push_small_image(registry, layers=3)
     workdir = tmp_path / "svc"
