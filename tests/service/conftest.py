@@ -8,9 +8,10 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
-from tests.service.stack import REPO
+from tests.service.stack import REPO, Stack
 
 PG_SOCKET = "/var/run/postgresql"
 
@@ -80,3 +81,10 @@ def migrated_db(db_url: str) -> Iterator[str]:
     upgrade_database(db_url)
     yield db_url
     dispose_engines()
+
+
+@pytest.fixture
+def client(stack: Stack) -> Iterator[httpx.Client]:
+    """An API client of the test module's ``stack`` (a fixture each such module defines)."""
+    with stack.client() as c:
+        yield c

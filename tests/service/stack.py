@@ -14,7 +14,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -240,3 +240,25 @@ class Stack:
         wait_for(done, timeout, f"job {job_id} to finish", interval=0.05,
                  on_timeout=lambda: f"last state: {last}\n{self.logs()}")
         return last
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """One Celery worker for :func:`running`: its node, pool size and queues."""
+
+    node: str
+    concurrency: int = 2
+    queues: str | None = None
+
+
+@contextlib.contextmanager
+def running(stack: Stack, *workers: WorkerSpec) -> Iterator[Stack]:
+    """Migrate the stack's database, start its API and ``workers``; stop them all afterwards."""
+    try:
+        stack.migrate()
+        stack.start_api()
+        for w in workers:
+            stack.start_worker(w.node, concurrency=w.concurrency, queues=w.queues)
+        yield stack
+    finally:
+        stack.stop()

@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.service.stack import CLI, Stack
+from tests.service.stack import CLI, Stack, running
 from tests.support._proc import free_port
 
 pytestmark = pytest.mark.timeout(120)
@@ -22,20 +22,9 @@ TOKEN = "s3cret-test-token"
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, redis_server: Any) -> Iterator[Stack]:
     workdir = tmp_path_factory.mktemp("api")
-    s = Stack(workdir=workdir, redis_url=redis_server.url,
-              database_url=f"sqlite:///{workdir / 'jobs.db'}", api_token=TOKEN)
-    try:
-        s.migrate()
-        s.start_api()
+    with running(Stack(workdir=workdir, redis_url=redis_server.url,
+                       database_url=f"sqlite:///{workdir / 'jobs.db'}", api_token=TOKEN)) as s:
         yield s
-    finally:
-        s.stop()
-
-
-@pytest.fixture
-def client(stack: Stack) -> Iterator[httpx.Client]:
-    with stack.client() as c:
-        yield c
 
 
 def test_healthz_checks_database_and_broker(client: httpx.Client) -> None:

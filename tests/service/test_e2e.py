@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from tests.service.images import blob_gets, push_small_image
-from tests.service.stack import Stack, wait_for
+from tests.service.stack import Stack, WorkerSpec, running, wait_for
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -28,26 +28,14 @@ def stack(tmp_path_factory: pytest.TempPathFactory, redis_server: Any) -> Iterat
     s = Stack(workdir=workdir, redis_url=redis_server.url,
               database_url=f"sqlite:///{workdir / 'jobs.db'}",
               extra_env={"FLOWER_UNAUTHENTICATED_API": "true"})
-    try:
-        s.migrate()
-        s.start_api()
-        s.start_worker("a", concurrency=2)
-        s.start_worker("b", concurrency=2)
+    with running(s, WorkerSpec("a"), WorkerSpec("b")):
         yield s
-    finally:
-        s.stop()
 
 
 @pytest.fixture(scope="module")
 def flower(stack: Stack) -> str:
     _proc, port = stack.start_flower()
     return f"http://127.0.0.1:{port}"
-
-
-@pytest.fixture
-def client(stack: Stack) -> Iterator[httpx.Client]:
-    with stack.client() as c:
-        yield c
 
 
 def e2fsck_ok(path: str) -> None:

@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from tests.service.images import blob_gets, push_small_image
-from tests.service.stack import Stack, wait_for
+from tests.service.stack import Stack, WorkerSpec, running, wait_for
 from tests.service.test_e2e import check_succeeded
 
 pytestmark = pytest.mark.timeout(300)
@@ -21,20 +21,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory, redis_server: Any,
           postgres_module_url: str) -> Iterator[Stack]:
     s = Stack(workdir=tmp_path_factory.mktemp("service-pg"), redis_url=redis_server.url,
               database_url=postgres_module_url)
-    try:
-        s.migrate()
-        s.start_api()
-        s.start_worker("a", concurrency=2)
-        s.start_worker("b", concurrency=2)
+    with running(s, WorkerSpec("a"), WorkerSpec("b")):
         yield s
-    finally:
-        s.stop()
-
-
-@pytest.fixture
-def client(stack: Stack) -> Iterator[httpx.Client]:
-    with stack.client() as c:
-        yield c
 
 
 def test_jobs_succeed_and_coalesce_on_postgresql(stack: Stack, client: httpx.Client,

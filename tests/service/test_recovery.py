@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.service.stack import Stack, wait_for
+from tests.service.stack import Stack, WorkerSpec, running, wait_for
 from tests.service.test_e2e import check_succeeded
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
@@ -36,21 +36,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory, redis_server: Any,
     workdir = tmp_path_factory.mktemp("recovery")
     s = Stack(workdir=workdir, redis_url=redis_server.url, database_url=postgres_module_url,
               extra_env={"ROOTFS_EXPORT_STALE_JOB_SECONDS": str(STALE_SECONDS)})
-    try:
-        s.migrate()
-        s.start_api()
-        # Node a only packages; b only fetches: which worker runs what is known in advance.
-        s.start_worker("a", concurrency=1, queues="package.a")
-        s.start_worker("b", concurrency=2, queues="fetch")
+    # Node a only packages; b only fetches: which worker runs what is known in advance.
+    with running(s, WorkerSpec("a", concurrency=1, queues="package.a"),
+                 WorkerSpec("b", concurrency=2, queues="fetch")):
         yield s
-    finally:
-        s.stop()
-
-
-@pytest.fixture
-def client(stack: Stack) -> Iterator[httpx.Client]:
-    with stack.client() as c:
-        yield c
 
 
 def _tasks(stack: Stack, build_id: str | None) -> list[dict[str, Any]]:

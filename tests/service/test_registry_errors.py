@@ -17,7 +17,7 @@ import pytest
 import requests
 
 from tests.service.images import push_small_image
-from tests.service.stack import Stack
+from tests.service.stack import Stack, WorkerSpec, running
 from tests.service.test_e2e import check_succeeded
 from tests.support.imagebuilder import delete_blob
 
@@ -99,19 +99,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory, redis_server: Any) -> Iterat
     s = Stack(workdir=workdir, redis_url=redis_server.url,
               database_url=f"sqlite:///{workdir / 'jobs.db'}",
               extra_env={"ROOTFS_EXPORT_RETRIES": "0", "ROOTFS_EXPORT_RETRY_BACKOFF": "0.1"})
-    try:
-        s.migrate()
-        s.start_api()
-        s.start_worker("a", concurrency=2)
+    with running(s, WorkerSpec("a")):
         yield s
-    finally:
-        s.stop()
-
-
-@pytest.fixture
-def client(stack: Stack) -> Iterator[httpx.Client]:
-    with stack.client() as c:
-        yield c
 
 
 def _tasks(stack: Stack, build_id: str) -> list[dict[str, Any]]:
