@@ -29,6 +29,14 @@ def _attach(url: str, job_id: str, digest: str = DIGEST, **kw: Any) -> store.Att
                               resolved={"layers": []}, progress=_progress(), **kw)
 
 
+def _job_in_build(url: str) -> tuple[str, str]:
+    """A new job attached to a new build: (job id, build id)."""
+    j = _job(url)
+    build_id = _attach(url, j).build_id
+    assert build_id
+    return j, build_id
+
+
 def _progress() -> dict[str, Any]:
     return {"phase": "download", "bytes_done": 0, "bytes_total": 30, "layers_done": 0,
             "layers_total": 2, "message": "",
@@ -153,9 +161,7 @@ def _age_task(url: str, task_id: str, seconds: float) -> None:
 
 def test_vanished_worker_relaunches_then_fails(migrated_db: str) -> None:
     url = migrated_db
-    j = _job(url)
-    build_id = _attach(url, j).build_id
-    assert build_id
+    j, build_id = _job_in_build(url)
     store.set_task_ids(url, build_id, ["f1", "p1"])
     store.task_started(url, "f1", kind="fetch", build_id=build_id, layer=0,
                        digest="sha256:1", worker="b@host", pid=1)
@@ -189,9 +195,7 @@ def test_vanished_worker_relaunches_then_fails(migrated_db: str) -> None:
 
 def test_build_never_launched_is_launched_by_the_sweep(migrated_db: str) -> None:
     url = migrated_db
-    j = _job(url)
-    build_id = _attach(url, j).build_id
-    assert build_id
+    _, build_id = _job_in_build(url)
     old = store.utcnow() - dt.timedelta(seconds=120)
     with session_scope(url) as s:
         s.execute(update(Build).where(Build.id == build_id).values(updated_at=old))
@@ -229,9 +233,7 @@ def test_a_live_execution_keeps_its_task(migrated_db: str) -> None:
 
 def test_build_nobody_works_on_fails_eventually(migrated_db: str) -> None:
     url = migrated_db
-    j = _job(url)
-    build_id = _attach(url, j).build_id
-    assert build_id
+    j, build_id = _job_in_build(url)
     store.set_task_ids(url, build_id, ["f1", "p1"])
     long_ago = store.utcnow() - dt.timedelta(seconds=60 * store.IDLE_STALE_PERIODS + 10)
     with session_scope(url) as s:
