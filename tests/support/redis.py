@@ -6,10 +6,9 @@ import shutil
 import socket
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
-from tests.support._proc import free_port, log_tail, stop_process
+from tests.support._proc import NoAnswer, start_on_free_port, stop_process
 
 
 class RedisStartError(RuntimeError):
@@ -40,45 +39,23 @@ class RedisProcess:
     def start(self, timeout: float = 20.0) -> RedisProcess:
         if shutil.which(self.binary) is None:
             raise RedisStartError(f"{self.binary} not found on PATH (apt install redis-server)")
-        last = ""
-        for _ in range(5):
-            self.port = free_port()
-            with open(self.log_path, "ab") as log:
-                self.proc = subprocess.Popen(
-                    [self.binary, "--port", str(self.port), "--bind", "127.0.0.1",
-                     "--save", "", "--appendonly", "no", "--dir", str(self.workdir),
-                     "--daemonize", "no"],
-                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
-            if self._wait_ready(timeout):
-                return self
-            last = log_tail(self.log_path)
-            stop_process(self.proc)
-            self.proc = None
-            if "Address already in use" not in last:
-                break
-        raise RedisStartError(f"redis-server did not answer on {self.host}; log tail:\n{last}")
+        try:
+            self.proc, self.port = start_on_free_port(
+                self._command, _ping, self.log_path, timeout=timeout,
+                port_in_use="Address already in use")
+        except NoAnswer as exc:
+            self.port = exc.port
+            raise RedisStartError(
+                f"redis-server did not answer on {self.host}; log tail:\n{exc.log}") from None
+        return self
+
+    def _command(self, port: int) -> list[str]:
+        return [self.binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                "--appendonly", "no", "--dir", str(self.workdir), "--daemonize", "no"]
 
     def ping(self) -> bool:
         """Send a raw RESP PING (no client library needed)."""
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=2) as sock:
-                sock.sendall(b"*1\r\n$4\r\nPING\r\n")
-                return sock.recv(64).startswith(b"+PONG")
-        except OSError:
-            return False
-
-    def _wait_ready(self, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                return False
-            if self.ping():
-                return True
-            time.sleep(0.05)
-        return False
+        return _ping(self.port)
 
     def stop(self) -> None:
         stop_process(self.proc)
@@ -90,3 +67,12 @@ class RedisProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _ping(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=2) as sock:
+            sock.sendall(b"*1\r\n$4\r\nPING\r\n")
+            return sock.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False

@@ -7,12 +7,11 @@ import secrets
 import shutil
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 import requests
 
-from tests.support._proc import free_port, log_tail, stop_process
+from tests.support._proc import NoAnswer, log_tail, start_on_free_port, stop_process
 
 REGISTRY_BINARY = "docker-registry"
 
@@ -72,7 +71,7 @@ class RegistryProcess:
         return f"RegistryProcess(url={self.url!r}, auth={self.auth})"
 
     # -- lifecycle ---------------------------------------------------------------------------
-    def _write_config(self) -> None:
+    def _write_config(self, port: int) -> None:
         config: dict = {
             "version": 0.1,
             "log": {"level": "info", "accesslog": {"disabled": False}},
@@ -81,7 +80,7 @@ class RegistryProcess:
                 "delete": {"enabled": True},
                 "maintenance": {"uploadpurging": {"enabled": False}},
             },
-            "http": {"addr": self.host, "secret": secrets.token_hex(16)},
+            "http": {"addr": f"127.0.0.1:{port}", "secret": secrets.token_hex(16)},
         }
         if self.auth:
             assert self.username and self.password
@@ -100,43 +99,21 @@ class RegistryProcess:
         if shutil.which(self.binary) is None:
             raise RegistryStartError(f"{self.binary} not found on PATH (apt install docker-registry)")
         self.storage_dir.mkdir(parents=True, exist_ok=True)
-        attempts = 1 if self._fixed_port else 5
-        last_error = ""
-        for _ in range(attempts):
-            self.port = self._fixed_port or free_port()
-            self._write_config()
-            with open(self.log_path, "ab") as log:
-                self.proc = subprocess.Popen(
-                    [self.binary, "serve", str(self.config_path)],
-                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
-            if self._wait_ready(timeout):
-                return self
-            last_error = log_tail(self.log_path)
-            stop_process(self.proc)
-            self.proc = None
-            if "address already in use" not in last_error:
-                break
-        raise RegistryStartError(
-            f"docker-registry did not answer on {self.url}/v2/ "
-            f"(config {self.config_path}); log tail:\n{last_error}"
-        )
+        try:
+            self.proc, self.port = start_on_free_port(
+                self._command, _answers, self.log_path, timeout=timeout,
+                port_in_use="address already in use", port=self._fixed_port)
+        except NoAnswer as exc:
+            self.port = exc.port
+            raise RegistryStartError(
+                f"docker-registry did not answer on {self.url}/v2/ "
+                f"(config {self.config_path}); log tail:\n{exc.log}"
+            ) from None
+        return self
 
-    def _wait_ready(self, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                return False
-            try:
-                resp = requests.get(f"{self.url}/v2/", timeout=2)
-                if resp.status_code in (200, 401):
-                    return True
-            except requests.RequestException:
-                pass
-            time.sleep(0.05)
-        return False
+    def _command(self, port: int) -> list[str]:
+        self._write_config(port)
+        return [self.binary, "serve", str(self.config_path)]
 
     def stop(self) -> None:
         stop_process(self.proc)
@@ -160,3 +137,11 @@ class RegistryProcess:
 
     def log(self) -> str:
         return log_tail(self.log_path, 200)
+
+
+def _answers(port: int) -> bool:
+    try:
+        resp = requests.get(f"http://127.0.0.1:{port}/v2/", timeout=2)
+    except requests.RequestException:
+        return False
+    return resp.status_code in (200, 401)
