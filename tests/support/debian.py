@@ -138,21 +138,12 @@ class Node:
             other.ctime_ns, other.ino, other.target, other.rdev, other.sha256, other.xattrs)
 
 
+_KINDS = {stat.S_IFREG: "file", stat.S_IFDIR: "dir", stat.S_IFLNK: "symlink",
+          stat.S_IFCHR: "char", stat.S_IFBLK: "block", stat.S_IFIFO: "fifo"}
+
+
 def _kind(st: os.stat_result) -> str:
-    m = st.st_mode
-    if stat.S_ISREG(m):
-        return "file"
-    if stat.S_ISDIR(m):
-        return "dir"
-    if stat.S_ISLNK(m):
-        return "symlink"
-    if stat.S_ISCHR(m):
-        return "char"
-    if stat.S_ISBLK(m):
-        return "block"
-    if stat.S_ISFIFO(m):
-        return "fifo"
-    return "socket"
+    return _KINDS.get(stat.S_IFMT(st.st_mode), "socket")
 
 
 def _sha256_file(path: str) -> str:
