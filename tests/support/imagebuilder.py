@@ -362,6 +362,16 @@ def blob_exists(registry: RegistryLike, repo: str, digest: str) -> bool:
         return resp.status_code == 200
 
 
+def _start_upload(s: requests.Session, registry: RegistryLike, repo: str,
+                  digest: str) -> str | None:
+    """The upload URL for blob ``digest`` in ``repo``, or None when the registry has it."""
+    if s.head(f"{registry.url}/v2/{repo}/blobs/{digest}", timeout=30).status_code == 200:
+        return None
+    resp = _check(s.post(f"{registry.url}/v2/{repo}/blobs/uploads/", timeout=30),
+                  f"start blob upload to {repo}")
+    return urljoin(registry.url + "/", resp.headers["Location"])
+
+
 def push_blob(registry: RegistryLike, repo: str, data: bytes, digest: str | None = None) -> str:
     """Upload ``data`` (monolithic POST + PUT) unless the registry has it; return its digest.
 
@@ -369,11 +379,9 @@ def push_blob(registry: RegistryLike, repo: str, data: bytes, digest: str | None
     """
     digest = digest or sha256_digest(data)
     with _session(registry) as s:
-        if s.head(f"{registry.url}/v2/{repo}/blobs/{digest}", timeout=30).status_code == 200:
+        location = _start_upload(s, registry, repo, digest)
+        if location is None:
             return digest
-        resp = _check(s.post(f"{registry.url}/v2/{repo}/blobs/uploads/", timeout=30),
-                      f"start blob upload to {repo}")
-        location = urljoin(registry.url + "/", resp.headers["Location"])
         _check(s.put(location, params={"digest": digest}, data=data, timeout=300,
                      headers={"Content-Type": "application/octet-stream"}),
                f"upload blob {digest} to {repo}")
@@ -384,11 +392,9 @@ def push_blob_file(registry: RegistryLike, repo: str, path: str | os.PathLike[st
                    digest: str) -> str:
     """Upload the file at ``path`` (streamed, not read into memory) unless already there."""
     with _session(registry) as s:
-        if s.head(f"{registry.url}/v2/{repo}/blobs/{digest}", timeout=30).status_code == 200:
+        location = _start_upload(s, registry, repo, digest)
+        if location is None:
             return digest
-        resp = _check(s.post(f"{registry.url}/v2/{repo}/blobs/uploads/", timeout=30),
-                      f"start blob upload to {repo}")
-        location = urljoin(registry.url + "/", resp.headers["Location"])
         with open(path, "rb") as fh:
             _check(s.put(location, params={"digest": digest}, data=fh, timeout=600,
                          headers={"Content-Type": "application/octet-stream",
