@@ -100,30 +100,25 @@ def _entry_to_obj(e: IndexEntry) -> dict[str, Any]:
     o: dict[str, Any] = {"p": e.path, "k": _KIND_CODES[e.kind]}
     if e.mode != _DEFAULTS.mode:
         o["m"] = e.mode
-    if e.uid:
-        o["u"] = e.uid
-    if e.gid:
-        o["g"] = e.gid
+    _put_set(o, u=e.uid, g=e.gid)
     if e.mtime:
         o["t"] = int(e.mtime) if float(e.mtime).is_integer() else e.mtime
-    if e.size:
-        o["s"] = e.size
-    if e.linkname:
-        o["l"] = e.linkname
-    if e.devmajor:
-        o["M"] = e.devmajor
-    if e.devminor:
-        o["N"] = e.devminor
+    _put_set(o, s=e.size, l=e.linkname, M=e.devmajor, N=e.devminor)
     if e.xattrs:
         o["x"] = [[k, base64.b64encode(v).decode("ascii")] for k, v in e.xattrs]
     o["h"] = e.header_offset
-    if e.data_offset:
-        o["o"] = e.data_offset
-    if e.data_size:
-        o["z"] = e.data_size
+    _put_set(o, o=e.data_offset, z=e.data_size)
     if e.sparse is not None:
         o["S"] = [list(c) for c in e.sparse]
     return o
+
+
+def _put_set(obj: dict[str, Any], /, **values: int | str) -> None:
+    """Store each value that is not zero or empty under its key, in order (unset ones are
+    the defaults :func:`_entry_from_obj` restores)."""
+    for key, value in values.items():
+        if value:
+            obj[key] = value
 
 
 def _entry_from_obj(o: dict[str, Any]) -> IndexEntry:
