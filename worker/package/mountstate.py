@@ -233,26 +233,26 @@ def _reap_owner(owner: tuple[int, int], rec: MountRecord | None, path: Path | No
         log.warning("stale mount of rootfs-export pid %d (no longer running): %s", pid, text)
         done.append(text)
 
+    def outcome(succeeded: bool, why: str, did: str, failed: str) -> None:
+        nonlocal ok
+        if succeeded:
+            say(did)
+        else:
+            ok = False
+            log.error("cannot %s: %s", failed, why)
+
     targets = [m for m in mounts if _owner_of(m, _MOUNT_RE) == owner
                or (rec is not None and m == rec.mountpoint)]
     for target in sorted(set(targets), key=len, reverse=True):
         umounted, why = _run(["umount", target])
         if not umounted:
             umounted, why = _run(["umount", "--lazy", target])
-        if umounted:
-            say(f"unmounted {target}")
-        else:
-            ok = False
-            log.error("cannot unmount stale %s: %s", target, why)
+        outcome(umounted, why, f"unmounted {target}", f"unmount stale {target}")
     images = {rec.image} if rec is not None else set()
     for device, back in loops:
         if _owner_of(back, _IMAGE_RE) == owner or back in images:
             detached, why = _run(["losetup", "-d", device])
-            if detached:
-                say(f"detached {device} ({back})")
-            else:
-                ok = False
-                log.error("cannot detach stale %s: %s", device, why)
+            outcome(detached, why, f"detached {device} ({back})", f"detach stale {device}")
     works = {os.path.dirname(t) for t in targets}
     works.update(os.path.dirname(b) for _, b in loops if _owner_of(b, _IMAGE_RE) == owner)
     if rec is not None:
