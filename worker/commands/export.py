@@ -16,6 +16,7 @@ from worker.commands.common import (
     parse_size,
     settings_from_args,
 )
+from worker.commands.progress import RichBar
 from worker.errors import ConfigError
 from worker.export import (
     AddSpec,
@@ -95,31 +96,17 @@ class _PlainProgress:
             print("rootfs-export: " + ": ".join(parts), file=self.stream, flush=True)
 
 
-class _RichProgress:
+class _RichProgress(RichBar):
     """A rich progress bar on stderr: one task, re-labelled per phase."""
 
     def __init__(self) -> None:
         from rich.console import Console
-        from rich.progress import (
-            BarColumn,
-            DownloadColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-        )
-        self.progress = Progress(TextColumn("[bold]{task.fields[phase]:<8}"), BarColumn(),
-                                 DownloadColumn(), TextColumn("{task.fields[msg]}"),
-                                 TimeElapsedColumn(), console=Console(stderr=True),
-                                 transient=False)
+        from rich.progress import BarColumn, DownloadColumn, TextColumn, TimeElapsedColumn
+
+        super().__init__(TextColumn("[bold]{task.fields[phase]:<8}"), BarColumn(),
+                         DownloadColumn(), TextColumn("{task.fields[msg]}"),
+                         TimeElapsedColumn(), console=Console(stderr=True))
         self.task = self.progress.add_task("export", total=None, phase="resolve", msg="")
-        self.lock = threading.Lock()
-
-    def __enter__(self) -> _RichProgress:
-        self.progress.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.progress.stop()
 
     def __call__(self, ev: ProgressEvent) -> None:
         with self.lock:

@@ -11,6 +11,7 @@ from typing import Any, TextIO
 from worker.cache.blobs import BlobCache
 from worker.commands.cache import gc_after_use
 from worker.commands.common import credentials_from_args, human_size, settings_from_args
+from worker.commands.progress import RichBar
 from worker.progress import LayerState, ProgressEvent
 from worker.pull.fetch import fetch_layers
 from worker.pull.manifest import Platform
@@ -50,35 +51,25 @@ class _PlainReporter:
                 self._out.flush()
 
 
-class _RichReporter:
+class _RichReporter(RichBar):
     """A rich progress bar: one overall bar plus one per layer."""
 
     def __init__(self, console: Any) -> None:
         from rich.progress import (
             BarColumn,
             DownloadColumn,
-            Progress,
             TextColumn,
             TimeRemainingColumn,
             TransferSpeedColumn,
         )
 
-        self.progress = Progress(TextColumn("{task.description}"), BarColumn(),
-                                 DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
-                                 console=console, transient=False)
+        super().__init__(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                         TransferSpeedColumn(), TimeRemainingColumn(), console=console)
         self._tasks: dict[str, Any] = {}
         self._total: Any = None
-        self._lock = threading.Lock()
-
-    def __enter__(self) -> _RichReporter:
-        self.progress.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.progress.stop()
 
     def __call__(self, event: ProgressEvent) -> None:
-        with self._lock:
+        with self.lock:
             if self._total is None:
                 self._total = self.progress.add_task("total", total=event.bytes_total or None)
             self.progress.update(self._total, completed=event.bytes_done,
