@@ -1,5 +1,6 @@
-"""``rootfs-export``: the command-line shell over the engine.
+"""Turn OCI/Docker images into root filesystems for microVMs: ext4, tar or a directory.
 
+The command-line shell over the engine.
 Each sub-command parses its options, builds settings, calls one engine function and prints the
 result. Errors the user can act on (:class:`~worker.errors.RootfsExportError`) are printed as
 one line on stderr with a non-zero exit status; no traceback.

@@ -60,7 +60,11 @@ def test_str_round_trips() -> None:
     ("alpine@sha512:" + "a" * 128, "only sha256"),
     ("a//b", "empty path component"),
     ("host:port/app", "invalid registry host"),
-    ("https://ghcr.io/a/b", "no scheme"),
+    ("https://ghcr.io/a/b", "drop the 'https://' part"),
+    ("http://localhost:5000/a", "drop the 'http://' part"),
+    ("alpine:t\u00e4", "non-ASCII character '\u00e4'"),
+    ("caf\u00e9/app", "non-ASCII"),
+    ("localhost:5000/\u0430pp:v1", "non-ASCII"),
     ("with space", "whitespace"),
     ("a/b-/c", "invalid repository name component"),
     ("localhost:5000/", "missing repository"),
@@ -71,3 +75,11 @@ def test_invalid_references_say_why(text: str, fragment: str) -> None:
         parse_reference(text)
     assert fragment in str(info.value)
     assert repr(text)[:20].strip("'") in str(info.value) or text == ""
+
+
+@pytest.mark.parametrize("tag", ["t\u00e4", "\u00e4", "v\u0661", "x\u00b2"])
+def test_tag_grammar_is_ascii(tag: str) -> None:
+    # \w would accept these letters and digits of other scripts; a registry would not.
+    from worker.pull.reference import _TAG
+    assert not _TAG.fullmatch(tag)
+    assert _TAG.fullmatch("v1.0-rc_1")

@@ -19,7 +19,7 @@ _HUB_ALIASES = {"docker.io", "index.docker.io", "registry-1.docker.io", "registr
 
 # The distribution reference grammar (github.com/distribution/reference/regexp.go).
 _COMPONENT = re.compile(r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*")
-_TAG = re.compile(r"[\w][\w.-]{0,127}")
+_TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}", re.ASCII)
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 _ANY_DIGEST = re.compile(r"[a-z0-9]+(?:[.+_-][a-z0-9]+)*:[A-Za-z0-9=_-]+")
 _HOST_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?")
@@ -96,7 +96,12 @@ def parse_reference(text: str) -> Reference:
     if text != text.strip() or any(c.isspace() for c in text):
         raise InvalidReference(text, "contains whitespace")
     if "://" in text:
-        raise InvalidReference(text, "a reference has no scheme; drop the 'https://' part")
+        scheme = text.split("://", 1)[0]
+        raise InvalidReference(text, f"a reference has no scheme; drop the '{scheme}://' part")
+    if not text.isascii():
+        bad = next(c for c in text if not c.isascii())
+        raise InvalidReference(text, f"non-ASCII character {bad!r} (registry hosts, repository "
+                                     "names, tags and digests are ASCII)")
 
     rest = text
     digest: str | None = None
