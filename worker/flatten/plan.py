@@ -178,12 +178,22 @@ class _Planner:
     def _check_path(self, layer: int, path: str, comps: list[str]) -> None:
         if ".." in comps or "\0" in path:
             raise self.unsafe(layer, path, "path component '..' or NUL in an entry name")
+        for comp in comps:
+            self._check_length(layer, path, comp)
 
     def _check_component(self, layer: int, path: str, comp: str) -> None:
         if comp == ".." or "\0" in comp:
             # The index resolves ``..`` lexically and rejects climbing names; one left here is
             # a bug upstream or a hand-made index: never let it walk.
             raise self.unsafe(layer, path, "path component '..' or NUL in an entry name")
+        self._check_length(layer, path, comp)
+
+    def _check_length(self, layer: int, path: str, comp: str) -> None:
+        # No Linux filesystem holds a longer name: refuse it for every format alike.
+        size = len(os.fsencode(comp))
+        if size > NAME_MAX:
+            raise self.unsafe(layer, path, f"a path component of {size} bytes (the kernel "
+                              f"allows at most {NAME_MAX})")
 
     def resolve_parent(self, layer: int, path: str, *, create: bool,
                        comps: list[str] | None = None) -> _Node | None:
@@ -390,6 +400,30 @@ def _blocks(entry: IndexEntry) -> int:
     return total
 
 
+#: longest file name (one path component) and symlink target the kernel holds, in bytes
+NAME_MAX = 255
+SYMLINK_MAX = 4095
+#: xattr limits of the kernel (XATTR_NAME_MAX, XATTR_SIZE_MAX) and the namespaces it knows
+XATTR_NAME_MAX = 255
+XATTR_SIZE_MAX = 65536
+XATTR_NAMESPACES = ("user.", "trusted.", "security.", "system.")
+
+
+def xattr_refusal(name: str, value: bytes) -> str | None:
+    """Why the kernel (or a tool we feed it to) cannot take xattr ``name``; None if it can."""
+    raw = os.fsencode(name)
+    if any(b < 0x20 or b == 0x7F for b in raw):
+        return f"xattr name {name!r} holds a control character"
+    if not name.startswith(XATTR_NAMESPACES) or name in XATTR_NAMESPACES:
+        return (f"xattr name {name!r} is not in a known namespace "
+                f"({', '.join(XATTR_NAMESPACES)})")
+    if len(raw) > XATTR_NAME_MAX:
+        return f"xattr name {name!r} is {len(raw)} bytes long (at most {XATTR_NAME_MAX})"
+    if len(value) > XATTR_SIZE_MAX:
+        return f"xattr {name!r} has a {len(value)}-byte value (at most {XATTR_SIZE_MAX})"
+    return None
+
+
 #: uid/gid 2^32-1 is (uid_t)-1, "no change" to chown; ext4 stores 32 bits
 _MAX_ID = (1 << 32) - 2
 
@@ -411,6 +445,13 @@ def _check_ids(planner: _Planner, pe: PlannedEntry) -> None:
         bad = "symlink with an empty target"
     if bad:
         raise LayerError(bad, layer=planner._digest(pe.layer), path=pe.path)
+    if e.kind == EntryKind.SYMLINK and len(os.fsencode(e.linkname)) > SYMLINK_MAX:
+        bad = (f"symlink target of {len(os.fsencode(e.linkname))} bytes (the kernel allows at "
+               f"most {SYMLINK_MAX})")
+    for name, value in e.xattrs:
+        bad = bad or xattr_refusal(name, value)
+    if bad:
+        raise UnsafeLayerEntry(bad, layer=planner._digest(pe.layer), path=pe.path)
 
 
 def plan_layers(layers: Sequence[LayerIndex], *, max_path_length: int | None = None

@@ -267,9 +267,48 @@ def superblock(image: str | os.PathLike[str]) -> dict[str, str]:
     return out
 
 
-def debugfs_quote(path: str) -> str:
-    """Quote a path for a debugfs command line (ss parser: ``"..."``, ``""`` for a quote)."""
-    return '"' + path.replace('"', '""') + '"'
+#: debugfs reads a script line into a BUFSIZ (8192) buffer; two arguments must fit in one line
+DEBUGFS_MAX_ARG = 4000
+
+
+class DebugfsUnsafe(PackagingError):
+    """A string (path, link target, xattr name) that cannot go into a debugfs script line."""
+
+    def __init__(self, text: str, reason: str) -> None:
+        self.text = text
+        self.reason = reason
+        super().__init__(f"debugfs cannot take {text!r} in a script line: {reason}")
+
+
+def debugfs_refusal(text: str) -> str | None:
+    """Why ``text`` cannot be one argument of a debugfs script line; None when it can.
+
+    The one check for everything that enters a debugfs script. debugfs reads its script with
+    ``fgets`` and cuts each line at the first newline *and* at the first carriage return, so
+    either would end the argument early and start a new command; the ss parser splits words on
+    blanks outside double quotes and reads ``""`` inside them as one quote, which
+    :func:`debugfs_quote` relies on. Every other control character (tab, escape, DEL) is refused
+    too: nothing legitimate needs them and no parser quirk can then reach us.
+    """
+    raw = os.fsencode(text)
+    if len(raw) >= DEBUGFS_MAX_ARG:
+        return f"{len(raw)} bytes, more than a debugfs script line holds ({DEBUGFS_MAX_ARG - 1})"
+    for byte in raw:
+        if byte < 0x20 or byte == 0x7F:
+            return f"control character 0x{byte:02x}"
+    return None
+
+
+def debugfs_quote(text: str) -> str:
+    """Quote one argument for a debugfs command line (ss parser: ``"..."``, ``""`` for a quote).
+
+    Raises :class:`DebugfsUnsafe` when :func:`debugfs_refusal` refuses ``text``: no caller can
+    put a string into a script without this check.
+    """
+    why = debugfs_refusal(text)
+    if why is not None:
+        raise DebugfsUnsafe(text, why)
+    return '"' + text.replace('"', '""') + '"'
 
 
 def debugfs_script(image: str | os.PathLike[str], commands: Sequence[str], *,
@@ -279,6 +318,10 @@ def debugfs_script(image: str | os.PathLike[str], commands: Sequence[str], *,
     debugfs exits 0 even when a command fails, so its stderr is the verdict (the version banner
     is the only line expected there).
     """
+    # Last line of defence: a command holding a line break would be two commands.
+    for cmd in commands:
+        if any(b < 0x20 or b == 0x7F for b in os.fsencode(cmd)):
+            raise PackagingError(f"refusing a debugfs command with a control character: {cmd!r}")
     with tempfile.NamedTemporaryFile("wb", prefix="rootfs-export-debugfs-", suffix=".cmd") as f:
         for cmd in commands:
             f.write(os.fsencode(cmd) + b"\n")

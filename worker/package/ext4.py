@@ -70,6 +70,7 @@ from worker.package.e2fs import (
     FIXED_TIME,
     INODE_SIZE,
     debugfs_quote,
+    debugfs_refusal,
     debugfs_script,
     e2fsprogs_version,
     find_tool,
@@ -295,21 +296,49 @@ def stream_blockers(plan: FlatPlan) -> list[str]:
     """
     problems = []
     for planned in plan.entries:
-        if debugfs_addressable(planned.path):
+        if planned.link_to is not None:
             continue
-        if any(name != "security.capability" for name, _ in planned.entry.xattrs):
-            problems.append(f"xattrs on {planned.path!r} cannot be set by path with debugfs")
+        names = [name for name, _ in planned.entry.xattrs if name != "security.capability"]
+        problems += _xattr_blockers(planned.path, names)
+    return problems
+
+
+def _xattr_blockers(path: str, names: list[str]) -> list[str]:
+    """Why debugfs cannot set the xattrs ``names`` on ``path`` (empty list: it can)."""
+    if not names:
+        return []
+    if not debugfs_addressable(path):
+        return [f"xattrs on {path!r} cannot be set by path with debugfs"]
+    return [f"xattr {name!r} on {path!r} cannot be set with debugfs"
+            for name in names if debugfs_refusal(name) is not None]
+
+
+def dir_root_blockers(plan: FlatPlan) -> list[str]:
+    """Why the dir method as root cannot finish ``plan`` with its debugfs script (empty: it
+    can): hardlinked symlinks are relinked and xattrs set by path (:func:`_debugfs_fixups`)."""
+    kinds = {p.path: p.entry.kind for p in plan.entries if p.link_to is None}
+    problems = []
+    for planned in plan.entries:
+        owner = planned.link_to
+        if owner is None:
+            problems += _xattr_blockers(planned.path, [n for n, _ in planned.entry.xattrs])
+        elif kinds.get(owner) == EntryKind.SYMLINK and not (
+                debugfs_addressable(planned.path) and debugfs_addressable(owner)):
+            problems.append(f"the hardlink {planned.path!r} to the symlink {owner!r} cannot be "
+                            "made with debugfs")
     return problems
 
 
 def debugfs_addressable(path: str) -> bool:
-    """Whether debugfs can name ``path`` in a script line (no newline, fits its line buffer)."""
-    return "\n" not in path and len(os.fsencode(path)) < 4000
+    """Whether debugfs can name ``/path`` in a script line (see
+    :func:`~worker.package.e2fs.debugfs_refusal`, the one check every script argument passes)."""
+    return debugfs_refusal("/" + path) is None
 
 
 def _lossy_as_non_root(plan: FlatPlan) -> list[str]:
     """What the dir method cannot restore as non-root (see :func:`_restore_unprivileged`)."""
-    bad = [p.path for p in plan.entries if not debugfs_addressable(p.path)]
+    bad = [p.path for p in plan.entries if not debugfs_addressable(p.path)
+           or (p.link_to is not None and not debugfs_addressable(p.link_to))]
     if not bad:
         return []
     return [f"ownership, modes, devices and xattrs of {len(bad)} path(s) debugfs cannot "
@@ -356,6 +385,9 @@ def choose_method(plan: FlatPlan, requested: Ext4Method, *,
         if not loop_ok:
             raise PackagingError(f"--ext4-method mount is not available: {loop_why}")
         return Ext4Method.MOUNT, warnings
+    # As root the dir method ends with a debugfs script that must name every hardlinked symlink
+    # and every file with xattrs; where it cannot, only the mount method is exact.
+    dir_blockers = dir_root_blockers(plan) if os.geteuid() == 0 else []
     if requested == Ext4Method.AUTO:
         big_dir, big_count = largest_directory(plan)
         if stream_ok and not blockers and (big_count <= STREAM_DIR_LIMIT or not loop_ok):
@@ -370,6 +402,12 @@ def choose_method(plan: FlatPlan, requested: Ext4Method, *,
                          "mke2fs -d fills in reasonable time (%d)", big_dir, big_count,
                          STREAM_DIR_LIMIT)
             return Ext4Method.MOUNT, warnings
+    if dir_blockers:
+        hint = ("use --ext4-method mount" if loop_ok
+                else f"the mount method is not available either: {loop_why}")
+        raise PackagingError(f"the {'dir' if requested == Ext4Method.DIR else 'stream and dir'} "
+                             "method cannot reproduce this image ("
+                             + "; ".join(dir_blockers[:5]) + f"); {hint}")
     if os.geteuid() != 0:
         lost = _lossy_as_non_root(plan)
         if lost:
@@ -637,7 +675,7 @@ def _debugfs_fixups(image: Path, plan: FlatPlan, *, xattrs: str,
                 with open(vfile, "wb") as f:
                     f.write(value)
                 values.append(vfile)
-                commands.append(f"ea_set -f {vfile} {debugfs_quote(target)} "
+                commands.append(f"ea_set -f {debugfs_quote(vfile)} {debugfs_quote(target)} "
                                 f"{debugfs_quote(name)}")
         if commands:
             debugfs_script(image, commands, write=True)
@@ -717,7 +755,9 @@ def _restore_unprivileged(image: Path, plan: FlatPlan, missing: set[str]) -> Non
     counts: dict[str, int] = {}
     with tempfile.TemporaryDirectory(prefix="rootfs-export-restore-") as tmp:
         for planned in plan.entries:
-            if not debugfs_addressable(planned.path):
+            # what debugfs cannot name is lost (warned about, refused with --strict)
+            if not debugfs_addressable(planned.path) or (
+                    planned.link_to is not None and not debugfs_addressable(planned.link_to)):
                 continue
             target = "/" if planned.path == "." else "/" + planned.path
             quoted = debugfs_quote(target)
@@ -741,7 +781,8 @@ def _restore_unprivileged(image: Path, plan: FlatPlan, missing: set[str]) -> Non
                 vfile = os.path.join(tmp, f"{len(commands)}-{i}")
                 with open(vfile, "wb") as f:
                     f.write(value)
-                commands.append(f"ea_set -f {vfile} {quoted} {debugfs_quote(name)}")
+                commands.append(f"ea_set -f {debugfs_quote(vfile)} {quoted} "
+                                f"{debugfs_quote(name)}")
         commands += links
         commands += [f"sif {debugfs_quote('/' + owner)} links_count {n}"
                      for owner, n in counts.items()]

@@ -1,0 +1,161 @@
+"""Hostile names against the ext4 methods: nothing in an image may reach a debugfs script as a
+command, and every format refuses what the kernel cannot hold, naming layer and path."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.flatten.support import run_export
+from tests.package.conftest import LOOP_SKIP
+from tests.package.helpers import debugfs, fsck
+from tests.support.imagebuilder import Layer, TarEntry, file, hardlink, push_image, symlink
+from worker.package.e2fs import DebugfsUnsafe, debugfs_quote, debugfs_refusal
+
+ROOT = Path(__file__).resolve().parents[2]
+NOBODY = 65534
+
+
+@pytest.fixture
+def shared_tmp() -> Iterator[Path]:
+    """A directory an unprivileged user can reach and write (pytest's tmp_path is root-only)."""
+    path = Path(tempfile.mkdtemp(prefix="rootfs-export-hostile-"))
+    os.chmod(path, 0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _injection(sentinel: Path) -> str:
+    """A name that, written unchecked into a debugfs script, makes it dump /payload to the
+    host path ``sentinel``."""
+    return f"\ndump /payload {sentinel}\n"
+
+
+def _cli(*args: str) -> list[str]:
+    return [os.path.join(os.path.dirname(sys.executable), "rootfs-export"), *args]
+
+
+def test_debugfs_quote_takes_quotes_and_blanks_but_no_control_characters(
+        tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ('a"b', "c d", "e'f", "g\\h", 'x""y'):
+        (src / name).write_text(name)
+    image = tmp_path / "img"
+    subprocess.run(["mke2fs", "-q", "-F", "-t", "ext4", "-d", str(src), str(image), "8M"],
+                   check=True)
+    for name in ('a"b', "c d", "e'f", "g\\h", 'x""y'):
+        out = subprocess.run(["debugfs", "-R", f"cat {debugfs_quote('/' + name)}", str(image)],
+                             capture_output=True, text=True, check=True).stdout
+        assert out == name
+    for bad in ("a\nb", "a\rb", "a\tb", "a\x1bb", "a\x7fb", "x" * 4000):
+        assert debugfs_refusal(bad) is not None
+        with pytest.raises(DebugfsUnsafe):
+            debugfs_quote(bad)
+
+
+@pytest.mark.parametrize("fmt,extra", [("tar", ()), ("dir", ()),
+                                       ("ext4", ("--ext4-method", "stream")),
+                                       ("ext4", ("--ext4-method", "dir"))])
+def test_xattr_name_injection_is_refused_by_the_planner(registry: Any, shared_tmp: Path,
+                                                        fmt: str, extra: tuple[str, ...]) -> None:
+    sentinel = shared_tmp / "pwned"
+    name = "user.a" + _injection(sentinel)
+    image = push_image(registry, "hostile/xattr-name", "v1", [Layer.from_entries([
+        file("payload", "PWNED\n"), file("f", "x", xattrs={name: b"v"})])])
+    out = shared_tmp / ("rootfs" if fmt == "dir" else "out")
+    rc, _, err = run_export(image.reference, out, fmt, shared_tmp / "cache", *extra)
+    assert rc != 0
+    assert not sentinel.exists()
+    assert image.layer_digests[0] in err and "'f'" in err and "user.a\\ndump" in err
+    assert "control character" in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("xattrs,why", [
+    ({"a": b"v"}, "not in a known namespace"),
+    ({"user." + "n" * 251: b"v"}, "256 bytes long"),
+    ({"user.big": b"v" * 65537}, "65537-byte value"),
+])
+@pytest.mark.parametrize("fmt", ["tar", "dir", "ext4"])
+def test_xattrs_the_kernel_cannot_hold_are_refused(registry: Any, tmp_path: Path, fmt: str,
+                                                   xattrs: dict[str, bytes], why: str) -> None:
+    image = push_image(registry, "hostile/xattr-limits", "v1", [Layer.from_entries([
+        file("f", "x", xattrs=xattrs)])])
+    out = tmp_path / "out"
+    rc, _, err = run_export(image.reference, out, fmt, tmp_path / "cache")
+    assert rc != 0
+    assert why in err and image.layer_digests[0] in err and "'f'" in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("where", ["link", "owner"])
+def test_newline_names_of_hardlinked_symlinks_never_reach_debugfs_as_root(
+        registry: Any, shared_tmp: Path, where: str) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("the dir method relinks hardlinked symlinks with debugfs as root only")
+    sentinel = shared_tmp / f"pwned-{where}"
+    owner = "s" + (_injection(sentinel) if where == "owner" else "")
+    link = "l" + (_injection(sentinel) if where == "link" else "")
+    image = push_image(registry, f"hostile/symhl-{where}", "v1", [Layer.from_entries([
+        file("payload", "PWNED\n"), symlink(owner, "payload"), hardlink(link, owner)])])
+    out = shared_tmp / "root.ext4"
+    rc, _, err = run_export(image.reference, out, "ext4", shared_tmp / "cache",
+                            "--ext4-method", "dir")
+    assert not sentinel.exists()
+    assert rc != 0
+    assert "cannot be made with debugfs" in err and "--ext4-method mount" in err
+    assert not out.exists()
+    if LOOP_SKIP is None:
+        # auto as root takes the mount method, which is exact
+        rc, _, err = run_export(image.reference, out, "ext4", shared_tmp / "cache")
+        assert rc == 0, err
+        assert not sentinel.exists()
+        assert fsck(out).returncode == 0
+        listing = debugfs(out, "ls -l /")
+        assert "payload" in listing
+
+
+@pytest.mark.parametrize("where", ["link", "owner"])
+def test_newline_names_of_hardlinks_never_reach_debugfs_as_non_root(
+        registry: Any, shared_tmp: Path, where: str) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to switch to an unprivileged user")
+    sentinel = shared_tmp / f"pwned-{where}"
+    owner = "dev/null" + (_injection(sentinel) if where == "owner" else "")
+    link = "dev/zero" + (_injection(sentinel) if where == "link" else "")
+    # a device node and its hardlink: as non-root both are made with debugfs (mknod, ln)
+    image = push_image(registry, f"hostile/devhl-{where}", "v1", [Layer.from_entries([
+        file("payload", "PWNED\n"), symlink("s", "payload"), hardlink("h", "s"),
+        TarEntry(owner, "char", mode=0o666, devmajor=1, devminor=3),
+        hardlink(link, owner)])])
+    work = shared_tmp / "work"
+    work.mkdir()
+    os.chown(work, NOBODY, NOBODY)
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(work), "TMPDIR": str(work),
+           "PYTHONPATH": str(ROOT)}
+    out = work / "root.ext4"
+    for method in ("auto", "dir"):
+        proc = subprocess.run(
+            ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+             *_cli("export", image.reference, "-o", str(out), "--cache-dir", str(work / "cache"),
+                   "--ext4-method", method)],
+            env=env, capture_output=True, text=True, timeout=300, check=False)
+        assert not sentinel.exists(), proc.stderr
+        assert proc.returncode == 0, proc.stderr
+        assert fsck(out).returncode == 0
+        if method == "dir":   # what debugfs cannot name is lost and said so
+            assert "cannot keep" in proc.stderr and "debugfs cannot" in proc.stderr
+        listing = debugfs(out, "ls -l /")
+        assert "payload" in listing
+        out.unlink()
