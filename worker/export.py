@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import sys
 import tempfile
 import threading
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from worker.cache.index import LayerIndex
-from worker.errors import Canceled, ConfigError, LayerError
+from worker.errors import Canceled, ConfigError, LayerError, PackagingError
 from worker.progress import Phase, ProgressCallback, ProgressEvent, no_progress
 from worker.pull.manifest import ResolvedImage
 from worker.settings import Settings
@@ -165,7 +166,7 @@ def export(request: ExportRequest, settings: Settings, *,
     """
     from worker.pull.fetch import fetch_layers
 
-    _check_request(request)
+    check_output(request)   # before any download: a doomed output costs nothing
     timings: dict[str, float] = {}
     t = time.monotonic()
     progress(ProgressEvent(phase=Phase.RESOLVE, message=f"resolving {request.image}"))
@@ -196,6 +197,58 @@ def _check_request(request: ExportRequest) -> None:
         raise ConfigError("no output path given")
 
 
+def check_output(request: ExportRequest) -> None:
+    """Refuse an output (or sidecar) path that cannot or must not be written, before any work.
+
+    The output is built under a temporary name beside it and renamed into place: that rename
+    must never replace a device node, a directory with content, or anything through a symlink.
+    So an existing output must be a regular file (tar, ext4) or an empty directory (dir), never
+    a symlink; the same goes for the ``OUT.json`` sidecar (a regular file). The directory that
+    will hold them must take a new file, which is tried for real. ``-o -`` is standard output.
+    Raises ConfigError / PackagingError naming the path.
+    """
+    _check_request(request)
+    if request.output == "-":
+        return
+    out = os.path.abspath(request.output)
+    check_output_path(out, directory=request.format == OutputFormat.DIR)
+    if request.sidecar:
+        check_output_path(out + ".json", directory=False)
+    parent = os.path.dirname(out)
+    if request.format == OutputFormat.EXT4 and not os.path.isdir(parent):
+        raise PackagingError(f"cannot write {out}: directory {parent} does not exist")
+    # tar and dir create missing parents: probe the nearest one that exists
+    while not os.path.lexists(parent) and os.path.dirname(parent) != parent:
+        parent = os.path.dirname(parent)
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{os.path.basename(out)}.", suffix=".probe",
+                                     dir=parent)
+    except OSError as exc:
+        raise PackagingError(f"cannot write {out}: {parent}: {exc.strerror or exc}") from exc
+    os.close(fd)
+    os.unlink(probe)
+
+
+def check_output_path(path: str, *, directory: bool) -> None:
+    """PackagingError unless ``path`` is absent, or (``directory``) an empty directory, or
+    (not ``directory``) a regular file; a symlink is always refused."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise PackagingError(f"cannot write {path}: {exc.strerror or exc}") from exc
+    if stat.S_ISLNK(st.st_mode):
+        raise PackagingError(f"refusing to write {path}: it is a symlink")
+    if directory:
+        if not stat.S_ISDIR(st.st_mode) or os.listdir(path):
+            raise PackagingError(f"refusing to write {path}: it exists and is not an empty "
+                                 "directory")
+    elif not stat.S_ISREG(st.st_mode):
+        what = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+        raise PackagingError(f"refusing to write {path}: it exists and is {what}")
+
+
 def _finish(result: ExportResult, request: ExportRequest, progress: ProgressCallback) -> None:
     if request.sidecar and request.output != "-":
         from worker.package.sidecar import write_sidecar
@@ -208,7 +261,7 @@ def _build(resolved: ResolvedImage, layers: list[LayerIndex], request: ExportReq
            cancel: threading.Event | None, timings: dict[str, float]) -> ExportResult:
     from worker.cache.blobs import BlobCache
 
-    _check_request(request)
+    check_output(request)
     if len(layers) != len(resolved.layers):
         raise LayerError(f"{len(layers)} layer indexes for an image with "
                          f"{len(resolved.layers)} layers")

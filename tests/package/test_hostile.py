@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -159,3 +160,108 @@ def test_newline_names_of_hardlinks_never_reach_debugfs_as_non_root(
         listing = debugfs(out, "ls -l /")
         assert "payload" in listing
         out.unlink()
+
+
+@pytest.mark.parametrize("fmt", ["tar", "dir", "ext4"])
+@pytest.mark.parametrize("entry,why", [
+    (file("d/" + "n" * 256, "x"), "a path component of 256 bytes"),
+    (symlink("s", "t" * 4096), "symlink target of 4096 bytes"),
+])
+def test_names_the_kernel_cannot_hold_are_refused(registry: Any, tmp_path: Path, fmt: str,
+                                                  entry: TarEntry, why: str) -> None:
+    image = push_image(registry, "hostile/long-names", "v1", [Layer.from_entries([
+        file("ok", "x"), entry])])
+    out = tmp_path / "out"
+    rc, _, err = run_export(image.reference, out, fmt, tmp_path / "cache")
+    assert rc == 1, err
+    assert why in err and image.layer_digests[0] in err and "Traceback" not in err
+    assert not out.exists()
+
+
+@pytest.fixture
+def tiny_image(registry: Any) -> Any:
+    return push_image(registry, "hostile/tiny", "v1", [Layer.from_entries([file("a", "b")])])
+
+
+def _refused(image: Any, out: Path | str, fmt: str, cache: Path, *extra: str) -> str:
+    rc, _, err = run_export(image.reference, Path(out), fmt, cache, *extra)
+    assert rc != 0, err
+    assert "Traceback" not in err
+    assert "rootfs-export: download" not in err, "refused only after downloading"
+    return err
+
+
+@pytest.mark.parametrize("fmt", ["tar", "ext4", "dir"])
+def test_a_device_node_output_is_refused_before_any_work(tiny_image: Any, tmp_path: Path,
+                                                         fmt: str) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("only root can make (and could replace) a device node")
+    # a private copy of /dev/null: a regression must not break the machine's own
+    null = tmp_path / "null"
+    os.mknod(null, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    err = _refused(tiny_image, null, fmt, tmp_path / "cache")
+    assert f"refusing to write {null}" in err
+    assert stat.S_ISCHR(os.lstat(null).st_mode) and os.lstat(null).st_rdev == os.makedev(1, 3)
+    assert not os.path.lexists(f"{null}.json")
+
+
+@pytest.mark.parametrize("fmt", ["tar", "ext4", "dir"])
+def test_a_symlink_at_the_output_or_sidecar_is_refused(tiny_image: Any, tmp_path: Path,
+                                                       fmt: str) -> None:
+    victim = tmp_path / "victim"
+    victim.write_text("keep")
+    out = tmp_path / "out"
+    out.symlink_to(victim)
+    err = _refused(tiny_image, out, fmt, tmp_path / "cache")
+    assert str(out) in err and "symlink" in err
+    out.unlink()
+    Path(str(out) + ".json").symlink_to(victim)
+    err = _refused(tiny_image, out, fmt, tmp_path / "cache")
+    assert f"{out}.json" in err and "symlink" in err
+    assert victim.read_text() == "keep" and not out.exists()
+
+
+def test_existing_outputs_of_the_wrong_kind_are_refused(tiny_image: Any, tmp_path: Path) -> None:
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "x").write_text("x")
+    assert "not an empty directory" in _refused(tiny_image, full, "dir", tmp_path / "cache")
+    assert (full / "x").read_text() == "x"
+    assert "not an empty directory" in _refused(tiny_image, tmp_path / "full" / "x", "dir",
+                                         tmp_path / "cache")
+    for fmt in ("tar", "ext4"):
+        assert "is a directory" in _refused(tiny_image, full, fmt, tmp_path / "cache")
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    assert "not a regular file" in _refused(tiny_image, fifo, "tar", tmp_path / "cache")
+    # what may be replaced still is: a regular file, an empty directory
+    (tmp_path / "old.tar").write_text("old")
+    rc, _, err = run_export(tiny_image.reference, tmp_path / "old.tar", "tar", tmp_path / "cache")
+    assert rc == 0, err
+    (tmp_path / "empty").mkdir()
+    rc, _, err = run_export(tiny_image.reference, tmp_path / "empty", "dir", tmp_path / "cache")
+    assert rc == 0, err and (tmp_path / "empty" / "a").read_text() == "b"
+
+
+def test_an_unwritable_output_directory_is_a_clear_error(tiny_image: Any, tmp_path: Path,
+                                                          shared_tmp: Path) -> None:
+    err = _refused(tiny_image, "/proc/self/x.ext4", "ext4", tmp_path / "cache")
+    assert "cannot write /proc/self/x.ext4" in err
+    if os.geteuid() != 0:
+        return
+    ro = shared_tmp / "ro"
+    ro.mkdir(mode=0o555)
+    work = shared_tmp / "work"
+    work.mkdir()
+    os.chown(work, NOBODY, NOBODY)
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(work), "TMPDIR": str(work),
+           "PYTHONPATH": str(ROOT)}
+    for fmt in ("ext4", "tar"):
+        proc = subprocess.run(
+            ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+             *_cli("export", tiny_image.reference, "-o", str(ro / "x.img"), "--format", fmt,
+                   "--cache-dir", str(work / "cache"))],
+            env=env, capture_output=True, text=True, timeout=300, check=False)
+        assert proc.returncode == 1, proc.stderr
+        assert "Traceback" not in proc.stderr and f"cannot write {ro}/x.img" in proc.stderr
+        assert "Permission denied" in proc.stderr

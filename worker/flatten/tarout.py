@@ -422,6 +422,8 @@ def write_tar_file(plan: FlatPlan, output: str | Path, locate: BlobLocator, *,
                                cancel=cancel, on_layer_done=on_layer_done)
             os.fchmod(f.fileno(), 0o644)  # mkstemp made it 0600
             os.fsync(f.fileno())
+        from worker.export import check_output_path
+        check_output_path(str(out), directory=False)   # never over a device or a symlink
         os.replace(tmp, out)
     except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):

@@ -217,7 +217,10 @@ def build_ext4(plan: FlatPlan, request: ExportRequest, settings: Settings, *,
 
     # A private work directory next to the output: the temporary image (renamed into place on
     # success), sizing probes, the staging directory and the mount point all live in it.
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    except OSError as exc:
+        raise PackagingError(f"cannot write {out}: {out.parent}: {exc.strerror or exc}") from exc
     # The mount method's backing file and mount point carry this process's pid and start
     # time in their names, so that a later run recognises them if we are killed (mountstate).
     image = work / (image_name() if method == Ext4Method.MOUNT else "image.ext4")
@@ -265,6 +268,8 @@ def build_ext4(plan: FlatPlan, request: ExportRequest, settings: Settings, *,
         digest = _sha256_sparse(image)
         timings["sha256"] = time.monotonic() - t0
         os.chmod(image, 0o644)
+        from worker.export import check_output_path
+        check_output_path(str(out), directory=False)   # it may have changed since the start
         os.replace(image, out)
         timings["total"] = time.monotonic() - started
         progress(ProgressEvent(Phase.PACKAGE, bytes_done=plan.data_bytes,

@@ -17,7 +17,10 @@ def sidecar_path(output: str | os.PathLike[str]) -> Path:
 
 def write_sidecar(output: str | os.PathLike[str], result: dict[str, Any]) -> Path:
     """Write ``result`` (``ExportResult.to_dict()``) as ``OUT.json`` atomically; return its path."""
+    from worker.export import check_output_path
+
     path = sidecar_path(output)
+    check_output_path(str(path), directory=False)   # never over a device node or a symlink
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
