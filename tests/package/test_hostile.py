@@ -265,3 +265,37 @@ def test_an_unwritable_output_directory_is_a_clear_error(tiny_image: Any, tmp_pa
         assert proc.returncode == 1, proc.stderr
         assert "Traceback" not in proc.stderr and f"cannot write {ro}/x.img" in proc.stderr
         assert "Permission denied" in proc.stderr
+
+
+@pytest.mark.parametrize("squat", ["dir", "symlink"])
+def test_a_squatted_private_directory_does_not_stop_an_export(tiny_image: Any,
+                                                               shared_tmp: Path,
+                                                               squat: str) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to play two users")
+    tmp = shared_tmp / "tmp"
+    tmp.mkdir(mode=0o1777)
+    os.chmod(tmp, 0o1777)
+    squatted = tmp / f"rootfs-export-{NOBODY}"   # made first by another user (root here)
+    if squat == "dir":
+        squatted.mkdir(mode=0o777)
+        os.chmod(squatted, 0o777)
+    else:
+        squatted.symlink_to(shared_tmp)
+    work = shared_tmp / "work"
+    work.mkdir()
+    os.chown(work, NOBODY, NOBODY)
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(work), "TMPDIR": str(tmp),
+           "PYTHONPATH": str(ROOT)}
+    out = work / "root.ext4"
+    proc = subprocess.run(
+        ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+         *_cli("export", tiny_image.reference, "-o", str(out), "--cache-dir",
+               str(work / "cache"))],
+        env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert fsck(out).returncode == 0
+    if squat == "dir":
+        assert not list(squatted.iterdir())   # nothing of ours went into their directory
+    # the fallback directory went with the process
+    assert sorted(p.name for p in tmp.iterdir()) == [squatted.name]

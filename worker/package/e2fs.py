@@ -9,6 +9,7 @@ mke2fs 1.47.x it also clamps every file's mtime.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import hashlib
 import os
@@ -72,14 +73,28 @@ _conf_path: str | None = None
 
 
 def _private_dir() -> str:
-    """``$TMPDIR/rootfs-export-<uid>``: ours alone (0700, owned by us, not a symlink)."""
-    path = os.path.join(tempfile.gettempdir(), f"rootfs-export-{os.geteuid()}")
-    with contextlib.suppress(FileExistsError):
+    """A directory only this user can write: ``$TMPDIR/rootfs-export-<uid>`` when it is ours
+    (a directory, not a symlink, owned by us, mode 0700), else a fresh one for this process.
+
+    Another local user can create that shared name first; they must not be able to make our
+    exports fail, nor see or swap our files: then this process makes its own (``mkdtemp``,
+    removed at exit).
+    """
+    uid = os.geteuid()
+    path = os.path.join(tempfile.gettempdir(), f"rootfs-export-{uid}")
+    with contextlib.suppress(OSError):
         os.mkdir(path, 0o700)
-    st = os.lstat(path)
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
-        raise PackagingError(f"{path} is not a private directory of this user: remove it")
-    return path
+    with contextlib.suppress(OSError):
+        st = os.lstat(path)
+        if stat.S_ISDIR(st.st_mode) and st.st_uid == uid and not st.st_mode & 0o077:
+            return path
+    try:
+        own = tempfile.mkdtemp(prefix=f"rootfs-export-{uid}-")
+    except OSError as exc:
+        raise PackagingError(f"cannot create a private directory in {tempfile.gettempdir()}: "
+                             f"{exc.strerror or exc}") from exc
+    atexit.register(shutil.rmtree, own, True)
+    return own
 
 
 def _mke2fs_conf() -> str:
