@@ -346,7 +346,7 @@ def _build_with(resolved: ResolvedImage, layers: list[LayerIndex], request: Expo
             timings["apply"] = time.monotonic() - t
         elif request.format == OutputFormat.DIR:
             drep = write_dir(plan, output, locate, progress=progress, cancel=cancel,
-                             on_layer_done=layer_done)
+                             on_layer_done=layer_done, strict=request.ext4.strict)
             size = plan.file_bytes
             warnings.extend(drep.warnings)
             if drep.not_preserved:

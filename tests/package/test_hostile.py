@@ -3,6 +3,7 @@ command, and every format refuses what the kernel cannot hold, naming layer and 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import stat
@@ -299,3 +300,56 @@ def test_a_squatted_private_directory_does_not_stop_an_export(tiny_image: Any,
         assert not list(squatted.iterdir())   # nothing of ours went into their directory
     # the fallback directory went with the process
     assert sorted(p.name for p in tmp.iterdir()) == [squatted.name]
+
+
+def _as_nobody(image: Any, work: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(work), "TMPDIR": str(work),
+           "PYTHONPATH": str(ROOT)}
+    return subprocess.run(
+        ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+         *_cli("export", image.reference, "--cache-dir", str(work / "cache"), *args)],
+        env=env, capture_output=True, text=True, timeout=300, check=False)
+
+
+@pytest.fixture
+def owned_image(registry: Any) -> Any:
+    return push_image(registry, "hostile/owned", "v1", [Layer.from_entries([
+        file("owned", "x", uid=1234, gid=1234), file("mine", "y"),
+        TarEntry("dev/null", "char", devmajor=1, devminor=3, mode=0o666)])])
+
+
+def test_strict_refuses_a_lossy_non_root_dir_export(owned_image: Any,
+                                                    shared_tmp: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to switch to an unprivileged user")
+    work = shared_tmp / "work"
+    work.mkdir()
+    os.chown(work, NOBODY, NOBODY)
+    proc = _as_nobody(owned_image, work, "-o", str(work / "root"), "--format", "dir",
+                      "--strict")
+    assert proc.returncode == 1, proc.stderr
+    assert "--strict" in proc.stderr and "devices: 1" in proc.stderr
+    assert "ownership: " in proc.stderr and "Traceback" not in proc.stderr
+    assert sorted(p.name for p in work.iterdir()) == ["cache"]   # no partial output
+    proc = _as_nobody(owned_image, work, "-o", str(work / "root"), "--format", "dir")
+    assert proc.returncode == 0, proc.stderr
+    assert "could not be preserved" in proc.stderr
+
+
+def test_ext4_dir_method_as_non_root_does_not_warn_about_what_it_restores(
+        owned_image: Any, shared_tmp: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to switch to an unprivileged user")
+    work = shared_tmp / "work"
+    work.mkdir()
+    os.chown(work, NOBODY, NOBODY)
+    out = work / "root.ext4"
+    proc = _as_nobody(owned_image, work, "-o", str(out), "--ext4-method", "dir", "--json",
+                      "--strict")
+    assert proc.returncode == 0, proc.stderr
+    assert "could not be preserved" not in proc.stderr
+    assert "warning" not in proc.stderr.lower()
+    doc = json.loads(proc.stdout)
+    assert doc["warnings"] == []
+    assert "Inode: " in debugfs(out, "stat /dev/null") and "User:  1234" in debugfs(
+        out, "stat /owned")

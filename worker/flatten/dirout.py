@@ -390,10 +390,13 @@ def remove_tree(path: str | Path) -> None:
 def write_dir(plan: FlatPlan, output: str | Path, locate: BlobLocator, *,
               progress: ProgressCallback = no_progress,
               cancel: threading.Event | None = None,
-              on_layer_done: Callable[[int], None] | None = None) -> DirReport:
+              on_layer_done: Callable[[int], None] | None = None,
+              strict: bool = False) -> DirReport:
     """Write ``plan`` as the directory ``output``: built under a temp name beside it, renamed
     into place only on success (an existing ``output`` must be an empty directory); on any
-    failure the partial tree is removed."""
+    failure the partial tree is removed. With ``strict``, losing any metadata (ownership,
+    devices, xattrs a non-root writer cannot set) is such a failure: PackagingError with the
+    counts, and no output."""
     out = Path(output)
     if out.is_symlink() or (out.exists() and (not out.is_dir() or any(out.iterdir()))):
         raise PackagingError(f"output {str(out)!r} exists and is not an empty directory")
@@ -405,6 +408,11 @@ def write_dir(plan: FlatPlan, output: str | Path, locate: BlobLocator, *,
     try:
         report = apply_plan(plan, tmp, locate, progress=progress, cancel=cancel,
                             on_layer_done=on_layer_done)
+        if strict and report.not_preserved:
+            lost = ", ".join(f"{what}: {n}" for what, n in sorted(report.not_preserved.items()))
+            raise PackagingError(f"refusing a lossy build (--strict): {str(out)!r} would lack "
+                                 f"metadata ({lost})"
+                                 + ("; run as root to keep it" if os.geteuid() != 0 else ""))
         os.rename(tmp, out)
     except BaseException as exc:
         remove_tree(tmp)
