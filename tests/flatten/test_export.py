@@ -356,3 +356,23 @@ def test_cache_max_size_is_kept_after_pull_and_export(registry: Any, tmp_path: P
     rc, _, err = run("pull", imgs[1].reference)
     assert rc == 0, err
     assert b in cached() and a not in cached() and c not in cached()
+
+
+@pytest.mark.parametrize("fmt", ["ext4", "tar"])
+def test_total_time_is_the_whole_jobs_wall_time(small_image: Any, settings: Any,
+                                                tmp_path: Path, fmt: str) -> None:
+    import time
+
+    out = tmp_path / f"out.{fmt}"
+    t0 = time.monotonic()
+    res = export(ExportRequest(small_image.reference, str(out), OutputFormat(fmt)), settings)
+    wall = time.monotonic() - t0
+    t = res.timings
+    # phases may overlap, but each lies inside the job, and resolve -> download -> plan ->
+    # write run one after the other
+    assert t["total"] <= wall
+    assert all(t["total"] >= v for k, v in t.items() if k != "total")
+    written = t["package"] if fmt == "ext4" else t["apply"]
+    assert t["total"] >= t["resolve"] + t["download"] + t["plan"] + written
+    doc = json.loads((tmp_path / f"out.{fmt}.json").read_text())
+    assert doc["timings"]["total"] == round(t["total"], 3)
