@@ -24,8 +24,8 @@ Three methods produce equivalent trees (see :class:`~worker.export.Ext4Method`):
     directory next to the output), then ``mke2fs -d DIR``; debugfs then sets the root's
     metadata, relinks hardlinked symlinks (mke2fs copies them apart) and fixes atime/ctime
     (taken from the staging tree). As non-root it also restores every owner, mode, device
-    node and xattr, so only paths debugfs cannot name (a newline) are lost: warned about, and
-    refused with ``--strict``.
+    node and xattr, so only paths debugfs cannot name (a newline or another control
+    character) are lost: warned about, and refused with ``--strict``.
 
 Reproducibility: the UUID and directory hash seed are uuid5 of the identity (manifest digest)
 and the options; every e2fsprogs tool runs with a fixed clock (``E2FSPROGS_FAKE_TIME``,
@@ -296,8 +296,8 @@ def stream_blockers(plan: FlatPlan) -> list[str]:
 
     ``mke2fs -d -`` keeps only the ``security.capability`` xattr; the others are set
     afterwards with debugfs, which addresses files by path on a line-based script: a path
-    holding a newline cannot be written there. (Hardlinked inodes need nothing: every link
-    header carries the inode owner's metadata.)
+    holding a newline or another control character cannot be written there. (Hardlinked
+    inodes need nothing: every link header carries the inode owner's metadata.)
     """
     problems = []
     for planned in plan.entries:
