@@ -67,7 +67,13 @@ class FakeServer:
     basic: tuple[str, str] | None = None                  # required Basic creds (also for /token)
     redirect_blobs_to: str | None = None                 # base URL serving /blob/<digest>
     challenge_on_storage: bool = False                    # /blob/ answers 401 + Basic challenge
-    slow_blobs: dict[str, float] = field(default_factory=dict)  # digest -> seconds per 4 KiB
+    slow_blobs: dict[str, float] = field(default_factory=dict)  # digest -> s per slow_chunk
+    slow_chunk: int = 4096
+    # path substring -> seconds per byte: the whole answer (manifest, token) is trickled
+    trickle: dict[str, float] = field(default_factory=dict)
+    # path substrings where the request is read and never answered
+    hang: list[str] = field(default_factory=list)
+    stopped: threading.Event = field(default_factory=threading.Event)
     tokens: dict[str, str] = field(default_factory=dict)  # token -> scope
     identity_token: str | None = None                     # accepted refresh token (POST /token)
     token_requests: list[dict[str, str]] = field(default_factory=list)
@@ -140,8 +146,21 @@ def _make_handler(state: FakeServer) -> type[BaseHTTPRequestHandler]:
             for k, v in (headers or {}).items():
                 self.send_header(k, v)
             self.end_headers()
-            if self.command != "HEAD":
+            if self.command == "HEAD":
+                return
+            delay = next((d for f, d in state.trickle.items() if f in self.path), None)
+            if delay is None:
                 self.wfile.write(body)
+                return
+            try:
+                for i in range(len(body)):
+                    if state.stopped.is_set():
+                        return
+                    self.wfile.write(body[i:i + 1])
+                    self.wfile.flush()
+                    time.sleep(delay)
+            except OSError:
+                pass  # the client gave up: fine
 
         def _error(self, status: int, code: str, message: str,
                    headers: dict[str, str] | None = None) -> None:
@@ -177,6 +196,10 @@ def _make_handler(state: FakeServer) -> type[BaseHTTPRequestHandler]:
                         break
                 else:
                     status = -1
+            if any(f in self.path for f in state.hang):
+                state.stopped.wait(60)   # accepted, read, never answered
+                self.close_connection = True
+                return
             if status == 0:
                 self.close_connection = True
                 self.connection.shutdown(socket.SHUT_RDWR)
@@ -276,8 +299,11 @@ def _make_handler(state: FakeServer) -> type[BaseHTTPRequestHandler]:
                 return
             if delay:
                 try:
-                    for i in range(0, len(body), 4096):
-                        self.wfile.write(body[i:i + 4096])
+                    step = state.slow_chunk
+                    for i in range(0, len(body), step):
+                        if state.stopped.is_set():
+                            return
+                        self.wfile.write(body[i:i + step])
                         self.wfile.flush()
                         time.sleep(delay)
                 except OSError:
@@ -307,6 +333,7 @@ class _Server(ThreadingHTTPServer):
 def fake_server_factory() -> Iterator[Any]:
     """``make(host="127.0.0.1") -> FakeServer`` running until the test ends."""
     servers: list[_Server] = []
+    states: list[FakeServer] = []
 
     def make(host: str = "127.0.0.1", tls: tuple[str, str] | None = None) -> FakeServer:
         """``tls=(certfile, keyfile)`` serves HTTPS."""
@@ -321,9 +348,12 @@ def fake_server_factory() -> Iterator[Any]:
         threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
                          daemon=True).start()
         servers.append(server)
+        states.append(state)
         return state
 
     yield make
+    for st in states:
+        st.stopped.set()
     for s in servers:
         s.shutdown()
         s.server_close()

@@ -188,12 +188,23 @@ def test_429_retry_after_is_honoured(fake_registry: FakeServer, fast: Any) -> No
     assert len(fake_registry.requests_to("/manifests/")) == 2
 
 
-def test_retry_after_capped_by_setting(fake_registry: FakeServer, settings_factory: Any) -> None:
+def test_retry_after_over_the_cap_fails_at_once(fake_registry: FakeServer,
+                                                settings_factory: Any) -> None:
     img = fake_registry.add_image("app", "v1", [gz_layer(1, 10)])
-    fake_registry.failures["/manifests/"] = [(503, {"Retry-After": "3600"})]
+    fake_registry.failures["/manifests/"] = [(429, {"Retry-After": "999999"})]
     settings = settings_factory(max_retry_after=0.2, retry_backoff=0.01)
-    r = resolve(img.reference, None, settings)
-    assert r.manifest_digest == img.manifest_digest
+    start = time.monotonic()
+    with pytest.raises(RegistryError) as info:
+        resolve(img.reference, None, settings)
+    assert time.monotonic() - start < 5
+    assert "registry asked to retry after 999999 s" in str(info.value)
+    assert "more than ROOTFS_EXPORT_MAX_RETRY_AFTER=0.2" in str(info.value)
+    assert img.reference in str(info.value)
+    assert info.value.transient and info.value.status == 429
+    assert len(fake_registry.requests_to("/manifests/")) == 1
+    # within the cap it is honoured
+    fake_registry.failures["/manifests/"] = [(503, {"Retry-After": "0.1"})]
+    assert resolve(img.reference, None, settings).manifest_digest == img.manifest_digest
 
 
 def test_5xx_retried_then_exhausted(fake_registry: FakeServer, fast: Any) -> None:

@@ -183,12 +183,16 @@ class RegistryAuth(AuthBase):
             if scope:
                 data["scope"] = scope
             resp = request_with_retries(self._session, "POST", realm, settings=self._settings,
-                                        what=where, data=data, allow_redirects=False)
+                                        what=where, data=data, allow_redirects=False,
+                                        deadline=time.monotonic() +
+                                        self._settings.request_deadline)
         else:
             params = {k: v for k, v in (("service", service), ("scope", scope)) if v}
             basic = creds.basic if creds else None
             resp = request_with_retries(self._session, "GET", realm, settings=self._settings,
-                                        what=where, params=params, auth=basic)
+                                        what=where, params=params, auth=basic,
+                                        deadline=time.monotonic() +
+                                        self._settings.request_deadline)
         if resp.status_code in (401, 403):
             who = f"as {creds.username!r}" if creds and creds.username else "anonymously"
             raise AuthenticationError(f"{where} refused a token {who} for scope {scope!r} "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import logging
 import threading
@@ -41,6 +42,7 @@ from worker.pull.reference import Reference
 from worker.pull.transport import (
     backoff_delay,
     make_session,
+    read_body,
     redact_url,
     request_with_retries,
     scheme_for,
@@ -139,21 +141,30 @@ class RegistryClient:
     def _get_small(self, url: str, *, what: str, image: str, limit: int,
                    cancel: threading.Event | None, headers: dict[str, str] | None = None,
                    not_found: type[RegistryError] = RegistryError) -> tuple[bytes, str]:
-        """GET a small document into memory (body, content type), retrying dropped bodies."""
+        """GET a small document into memory (body, content type), retrying dropped bodies.
+
+        Everything (retries, waits, the body) must be done within ``request_deadline``.
+        """
         attempt = 0
+        deadline = time.monotonic() + self.settings.request_deadline
         while True:
             resp = self._get(url, what=what, image=image, cancel=cancel, headers=headers,
-                             stream=True)
+                             stream=True, deadline=deadline)
             with resp:
                 self._raise_for(resp, what=what, image=image, not_found=not_found)
                 try:
-                    body = _read_limited(resp, limit, what=f"{image}: {what}")
+                    body = read_body(resp, limit, what=f"{image}: {what}", deadline=deadline,
+                                     settings=self.settings, image=image)
                 except RegistryError as exc:
-                    if not exc.transient or attempt >= self.settings.retries:
+                    if not exc.transient or attempt >= self.settings.retries \
+                            or "did not answer completely" in str(exc):
                         raise
                     attempt += 1
                     log.info("%s: %s, retrying", what, exc)
-                    sleep(backoff_delay(attempt - 1, self.settings), cancel)
+                    delay = backoff_delay(attempt - 1, self.settings)
+                    if time.monotonic() + delay > deadline:
+                        raise
+                    sleep(delay, cancel)
                     continue
                 return body, resp.headers.get("Content-Type", "")
 
@@ -251,6 +262,12 @@ class RegistryClient:
         sha = hashlib.sha256()
         done = 0
         drops = 0
+        stalls = 0
+        settings = self.settings
+        rate = settings.min_transfer_rate
+        # A silent socket is a stall too: no need to wait the full read timeout for it.
+        timeout = (settings.connect_timeout, min(settings.read_timeout, settings.stall_seconds)
+                   if rate else settings.read_timeout)
         urls = self.blob_urls(ref, desc)
         url_idx = 0
         while True:
@@ -264,7 +281,7 @@ class RegistryClient:
             auth = self.auth if url_idx == 0 else None
             resp = request_with_retries(self.session, "GET", url, settings=self.settings,
                                         what=what, image=image, cancel=cancel, auth=auth,
-                                        headers=headers, stream=True)
+                                        headers=headers, stream=True, timeout=timeout)
             if resp.status_code == 404 and url_idx + 1 < len(urls):
                 resp.close()
                 url_idx += 1
@@ -275,6 +292,11 @@ class RegistryClient:
                 raise ConfigError(f"{image}: {what} is a foreign (non-distributable) layer the "
                                   "registry does not serve; set ROOTFS_EXPORT_ALLOW_FOREIGN_URLS"
                                   "=true to fetch it from its urls")
+            if resp.status_code == 416 and done:
+                # Nothing left at our offset: the blob ends before the announced size.
+                total = _range_total(resp)
+                resp.close()
+                raise _short_blob(image, what, desc, total if total is not None else done)
             self._raise_for(resp, what=what, image=image)
             skip = 0
             if done:
@@ -287,10 +309,21 @@ class RegistryClient:
                     raise RegistryError(f"{image}: {what}: bad answer to a Range request "
                                         f"(HTTP {resp.status_code})", image=image,
                                         status=resp.status_code, transient=True)
+            offset = done if resp.status_code == 206 else 0
+            total = _range_total(resp) if resp.status_code == 206 else None
+            length = resp.headers.get("Content-Length", "")
+            if total is None and length.isdigit():
+                total = offset + int(length)
+            if total is not None and total < desc.size:
+                resp.close()
+                raise _short_blob(image, what, desc, total)
             pending = bytearray()
+            received = 0
             try:
                 with resp:
                     last_yield = time.monotonic()
+                    window: collections.deque[tuple[float, int]] = collections.deque(
+                        [(last_yield, done)])
                     while done < desc.size:
                         if cancel is not None and cancel.is_set():
                             raise Canceled(f"{image}: {what}: canceled")
@@ -298,7 +331,11 @@ class RegistryClient:
                         # on a slow link); pieces are gathered into ~read_size chunks.
                         want = min(read_size - len(pending), desc.size - done) + skip
                         piece = resp.raw.read1(want, decode_content=False)
+                        received += len(piece)
                         if not piece:
+                            if length.isdigit() and received == int(length):
+                                # a complete body, and still short of the announced size
+                                raise _short_blob(image, what, desc, offset + received - skip)
                             raise ConnectionError("connection closed before the end of the blob")
                         if skip:
                             if len(piece) <= skip:
@@ -310,6 +347,9 @@ class RegistryClient:
                         done += len(piece)
                         pending += piece
                         now = time.monotonic()
+                        if rate:
+                            _check_rate(window, now, done, desc.size, settings, image=image,
+                                        what=what)
                         if len(pending) >= read_size or done >= desc.size or \
                                 now - last_yield >= FLUSH_INTERVAL:
                             chunk = bytes(pending)
@@ -323,13 +363,27 @@ class RegistryClient:
                                              f"a blob larger than the announced {desc.size} "
                                              "bytes")
                 break
+            except _TransferTooSlow as exc:
+                error: BaseException = exc
+                stalls += 1
             except _BODY_ERRORS as exc:
                 error = exc
+                if isinstance(exc, (urllib3.exceptions.ReadTimeoutError, TimeoutError,
+                                    requests.Timeout)):
+                    stalls += 1
             # Bytes received before the drop are good: hand them on, then resume after them.
             if pending:
                 yield bytes(pending)
                 pending.clear()
             drops += 1
+            if isinstance(error, _TransferTooSlow) and stalls > min(settings.timeout_retries,
+                                                                   settings.retries):
+                raise RegistryError(str(error), image=image, transient=True) from None
+            if stalls > min(settings.timeout_retries, settings.retries):
+                raise RegistryError(f"{image}: {what}: the registry stopped sending after "
+                                    f"{done} of {desc.size} bytes (nothing for "
+                                    f"{timeout[1]:g} s, {stalls} times)", image=image,
+                                    transient=True) from None
             if drops > self.settings.retries:
                 raise RegistryError(f"{image}: {what}: download kept failing after {done} "
                                     f"of {desc.size} bytes ({type(error).__name__})",
@@ -339,6 +393,41 @@ class RegistryClient:
         actual = "sha256:" + sha.hexdigest()
         if actual != desc.digest:
             raise DigestMismatch(f"{image}: {what}", desc.digest, actual)
+
+
+class _TransferTooSlow(Exception):
+    """A blob arrives slower than ``min_transfer_rate`` (handled like a dropped connection)."""
+
+
+def _check_rate(window: collections.deque[tuple[float, int]], now: float, done: int,
+                size: int, settings: Settings, *, image: str, what: str) -> None:
+    """Record ``done`` bytes at ``now``; raise if the last ``stall_seconds`` were too slow.
+
+    ``window`` keeps (time, bytes) samples; its first one is the newest at least
+    ``stall_seconds`` old, so the rate is measured over a full window once there is one.
+    """
+    span = settings.stall_seconds
+    window.append((now, done))
+    while len(window) > 1 and window[1][0] <= now - span:
+        window.popleft()
+    t0, d0 = window[0]
+    if now - t0 >= span and done - d0 < settings.min_transfer_rate * (now - t0):
+        raise _TransferTooSlow(
+            f"{image}: {what}: transfer too slow: {done - d0} bytes in the last "
+            f"{now - t0:.0f} s, below ROOTFS_EXPORT_MIN_TRANSFER_RATE="
+            f"{settings.min_transfer_rate} bytes/s (over ROOTFS_EXPORT_STALL_SECONDS="
+            f"{span:g}); {done} of {size} bytes received")
+
+
+def _short_blob(image: str, what: str, desc: Descriptor, actual: int) -> RegistryError:
+    return RegistryError(f"{image}: {what}: blob is {actual} bytes, shorter than the "
+                         f"{desc.size} bytes the manifest announces", image=image)
+
+
+def _range_total(resp: requests.Response) -> int | None:
+    """The complete length from ``Content-Range: bytes a-b/N`` or ``bytes */N``."""
+    total = resp.headers.get("Content-Range", "").rpartition("/")[2].strip()
+    return int(total) if total.isdigit() else None
 
 
 def _range_start(resp: requests.Response) -> int | None:
@@ -351,24 +440,6 @@ def _range_start(resp: requests.Response) -> int | None:
         return int(rng.split("-", 1)[0])
     except ValueError:
         return None
-
-
-def _read_limited(resp: requests.Response, limit: int, *, what: str) -> bytes:
-    declared = resp.headers.get("Content-Length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise RegistryError(f"{what}: {declared} bytes exceeds the limit of {limit}")
-    parts: list[bytes] = []
-    total = 0
-    try:
-        for chunk in resp.iter_content(64 << 10):
-            total += len(chunk)
-            if total > limit:
-                raise RegistryError(f"{what}: more than the limit of {limit} bytes")
-            parts.append(chunk)
-    except (requests.RequestException, urllib3.exceptions.HTTPError) as exc:
-        raise RegistryError(f"{what}: connection failed while reading: {type(exc).__name__}",
-                            transient=True) from None
-    return b"".join(parts)
 
 
 def _error_detail(resp: requests.Response) -> str:
