@@ -59,12 +59,18 @@ class UnsupportedManifest(RegistryError):
 class PlatformNotFound(RegistryError):
     """An index offers no manifest for the requested platform."""
 
-    def __init__(self, image: str, wanted: str, available: list[str]) -> None:
+    def __init__(self, image: str, wanted: str, available: list[str], *,
+                 single: bool = False) -> None:
         self.wanted = wanted
         self.available = available
         offered = ", ".join(available) if available else "none"
-        super().__init__(f"{image}: no manifest for platform {wanted}; the index offers: {offered}",
-                         image=image)
+        if single:
+            # no index: the one manifest's config says what it is for
+            message = (f"{image}: the image is for {offered}, not {wanted} "
+                       "(it is a single-platform image)")
+        else:
+            message = f"{image}: no manifest for platform {wanted}; the index offers: {offered}"
+        super().__init__(message, image=image)
 
 
 class DigestMismatch(RootfsExportError):

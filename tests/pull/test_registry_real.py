@@ -138,6 +138,18 @@ def test_multi_platform_index_with_attestations(registry: Any, settings: Any,
     assert r3.manifest_digest == arm.manifest_digest
 
 
+def test_single_platform_mismatch_names_the_image_platform(registry: Any,
+                                                           settings: Any) -> None:
+    img = push_image(registry, "single/app", "v1",
+                     [Layer.from_entries([file("arch", "arm64")], "gzip")],
+                     platform="linux/arm64")
+    with pytest.raises(PlatformNotFound) as info:
+        resolve(img.reference, "linux/amd64", settings)
+    message = str(info.value)
+    assert "the image is for linux/arm64, not linux/amd64" in message
+    assert img.reference in message and "index" not in message
+
+
 def test_docker_manifest_list(registry: Any, settings: Any) -> None:
     imgs = [push_image(registry, "list/app", None,
                        [Layer.from_entries([file("p", plat)], "gzip")], schema="docker",

@@ -232,7 +232,7 @@ class RegistryClient:
         config_platform = config.platform
         if index_digest is None and platform is not None and config_platform is not None \
                 and not platform.matches(config_platform):
-            raise PlatformNotFound(image, str(platform), [str(config_platform)])
+            raise PlatformNotFound(image, str(platform), [str(config_platform)], single=True)
         final_platform = chosen_platform or config_platform or wanted
         return ResolvedImage(reference=image, manifest_digest=digest,
                              index_digest=index_digest, media_type=manifest.media_type,
