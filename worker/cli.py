@@ -9,8 +9,11 @@ one line on stderr with a non-zero exit status; no traceback.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 from collections.abc import Sequence
+from typing import Any
 
 from worker.errors import RootfsExportError
 
@@ -107,14 +110,41 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     module_name, func_name = args.handler.split(":")
     handler = getattr(importlib.import_module(module_name), func_name)
+    # The service commands (Celery, uvicorn) handle SIGTERM themselves.
+    previous = None if module_name.endswith(".service") else _catch_sigterm()
     try:
         return int(handler(args) or 0)
     except RootfsExportError as exc:
         print(f"rootfs-export: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except Terminated:
+        print("rootfs-export: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("rootfs-export: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous[0])
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so ``finally`` blocks remove temps and outputs."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+def _catch_sigterm() -> tuple[Any] | None:
+    """Turn SIGTERM into :class:`Terminated`; return (previous handler,), None if not set.
+
+    Only the main thread may install handlers.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    return (previous if previous is not None else signal.SIG_DFL,)
 
 
 if __name__ == "__main__":

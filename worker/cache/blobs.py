@@ -4,7 +4,9 @@ Layout under ``root``::
 
     sha256/<hex>          the blob, only ever created by an atomic rename after verification
     sha256/<hex>.index    its entry index (:func:`worker.cache.index.dump_index`), same rule
-    tmp/                  partial downloads (unique names; stale ones are swept by ``gc``)
+    tmp/                  partial downloads, ``<hex>.<random>.part``, written under the
+                          digest's lock: a temp whose digest lock is free is an orphan of a
+                          killed writer, swept when a cache is opened
     locks/<hex>.lock      one lock file per digest (flock: exclusive to write, shared to read)
 
 The mtime of a blob is its last use (``touch``), which ``gc`` evicts by, oldest first. A blob
@@ -73,6 +75,7 @@ class BlobCache:
         self.lock_dir = self.root / "locks"
         for d in (self.blob_dir, self.tmp_dir, self.lock_dir):
             d.mkdir(parents=True, exist_ok=True)
+        self.sweep_orphan_temps()
 
     # -- naming -------------------------------------------------------------------------
     @staticmethod
@@ -161,7 +164,7 @@ class BlobCache:
     @contextlib.contextmanager
     def temp_file(self, digest: str) -> Iterator[tuple[BinaryIO, Path]]:
         """A uniquely named temp file in ``tmp/``, removed unless :meth:`commit` took it."""
-        fd, name = tempfile.mkstemp(prefix=self._hex(digest)[:16] + ".", suffix=".part",
+        fd, name = tempfile.mkstemp(prefix=self._hex(digest) + ".", suffix=".part",
                                     dir=self.tmp_dir)
         path = Path(name)
         try:
@@ -189,7 +192,7 @@ class BlobCache:
 
     def put_index(self, digest: str, index: LayerIndex) -> None:
         data = dump_index(index)
-        fd, name = tempfile.mkstemp(prefix=self._hex(digest)[:16] + ".", suffix=".index.part",
+        fd, name = tempfile.mkstemp(prefix=self._hex(digest) + ".", suffix=".index.part",
                                     dir=self.tmp_dir)
         try:
             with os.fdopen(fd, "wb") as f:
@@ -281,6 +284,49 @@ class BlobCache:
             # Lock files stay: unlinking one while another process waits on it would let
             # a third process lock a fresh file and run alongside.
         return evicted
+
+    def sweep_orphan_temps(self) -> list[Path]:
+        """Remove temp files whose writer is gone (killed mid-download); return them.
+
+        Writers hold the digest's exclusive lock for as long as their temp file exists, so a
+        temp whose lock can be taken at once has no writer. Where the filesystem has no locks
+        nothing is swept here (the age rule of :meth:`gc` still applies).
+        """
+        groups: dict[str, list[Path]] = {}
+        try:
+            names = list(self.tmp_dir.iterdir())
+        except OSError:
+            return []
+        for p in names:
+            hex_, _, _ = p.name.partition(".")
+            if len(hex_) == 64 and is_valid_digest("sha256:" + hex_):
+                groups.setdefault(hex_, []).append(p)
+        swept: list[Path] = []
+        for hex_, paths in groups.items():
+            digest = "sha256:" + hex_
+            tlock = _thread_lock(self.root, digest)
+            if not tlock.acquire(blocking=False):
+                continue
+            try:
+                fd = os.open(self.lock_path(digest), os.O_RDWR | os.O_CREAT, 0o644)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    for p in paths:
+                        with contextlib.suppress(FileNotFoundError):
+                            p.unlink()
+                            swept.append(p)
+                except OSError:
+                    pass   # a writer is at work, or no locks here: cannot tell
+                finally:
+                    os.close(fd)
+            except OSError:
+                pass   # a read-only cache: nothing to sweep
+            finally:
+                tlock.release()
+        if swept:
+            log.info("cache %s: removed %d temp file(s) left by a killed download", self.root,
+                     len(swept))
+        return swept
 
     def _sweep_tmp(self) -> None:
         now = time.time()

@@ -92,9 +92,11 @@ def _check_diff_id(image: str, desc: Descriptor, expected: str, actual: str) -> 
 def fetch_layer_to_cache(client: RegistryClient, ref: Reference, desc: Descriptor,
                          diff_id: str, cache: BlobCache, settings: Settings, *,
                          cancel: threading.Event | None = None,
-                         on_bytes: Callable[[int], None] | None = None) -> tuple[LayerIndex, bool]:
+                         on_bytes: Callable[[int], None] | None = None,
+                         on_start: Callable[[], None] | None = None) -> tuple[LayerIndex, bool]:
     """Make one layer present, verified and indexed in ``cache``. Idempotent.
 
+    ``on_start`` is called when a download really begins (not for a cached layer).
     Returns ``(index, was_cached)``. On any error nothing new is left in the cache: no blob,
     no index, no temp file.
     """
@@ -122,6 +124,8 @@ def fetch_layer_to_cache(client: RegistryClient, ref: Reference, desc: Descripto
             cache.put_index(desc.digest, index)
             cache.touch(desc.digest)
             return index, False
+        if on_start is not None:
+            on_start()
         with cache.temp_file(desc.digest) as (f, tmp):
             sniffed = []
 
@@ -256,11 +260,12 @@ def fetch_layers(resolved: ResolvedImage, settings: Settings, *,
         desc = resolved.layers[i]
         if stop.is_set():
             raise Canceled(f"{resolved.reference}: layer {desc.digest}: canceled")
-        tracker.update(i, state=LayerState.DOWNLOADING)
         try:
+            # DOWNLOADING only once a download starts: a cached layer goes straight to CACHED.
             index, _ = fetch_layer_to_cache(
                 client, ref, desc, diff_ids[i] if i < len(diff_ids) else "", cache, settings,
-                cancel=stop, on_bytes=lambda n: tracker.update(i, add_bytes=n))
+                cancel=stop, on_bytes=lambda n: tracker.update(i, add_bytes=n),
+                on_start=lambda: tracker.update(i, state=LayerState.DOWNLOADING))
         except BaseException:
             tracker.update(i, state=LayerState.FAILED)
             stop.set()
@@ -278,13 +283,21 @@ def fetch_layers(resolved: ResolvedImage, settings: Settings, *,
         with ThreadPoolExecutor(max_workers=workers,
                                 thread_name_prefix="rootfs-export-fetch") as pool:
             futures: dict[Future[LayerIndex], int] = {pool.submit(one, i): i for i in wanted}
-            wait(futures, return_when=FIRST_EXCEPTION)
-            stop_early = any(f.done() and f.exception() is not None for f in futures)
-            if stop_early:
+            try:
+                wait(futures, return_when=FIRST_EXCEPTION)
+                stop_early = any(f.done() and f.exception() is not None for f in futures)
+                if stop_early:
+                    stop.set()
+                    for f in futures:
+                        f.cancel()
+                wait(futures)
+            except BaseException:
+                # Ctrl-C or SIGTERM in this thread: the downloads must stop (and remove their
+                # temp files) before the pool's exit waits for them.
                 stop.set()
                 for f in futures:
                     f.cancel()
-            wait(futures)
+                raise
         first_error: BaseException | None = None
         for f, i in futures.items():
             if f.cancelled():
