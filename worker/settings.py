@@ -55,13 +55,13 @@ class Settings(BaseSettings):
                                    description="longest Retry-After we are willing to honour")
     timeout_retries: int = Field(default=1, ge=0, le=20,
                                  description="retries after a connect/read timeout or a stall")
-    request_deadline: float = Field(default=120.0, gt=0,
+    request_deadline: float = Field(default=60.0, gt=0,
                                     description="seconds; a manifest, config or token request "
                                     "(retries and body included) must finish within it")
     min_transfer_rate: int = Field(default=10 << 10, ge=0,
                                    description="bytes/s a blob download must average over "
                                    "stall_seconds; 0 disables the check")
-    stall_seconds: float = Field(default=45.0, gt=0,
+    stall_seconds: float = Field(default=30.0, gt=0,
                                  description="window of the minimum transfer rate check")
     download_concurrency: int = Field(default=4, ge=1, le=64)
     allow_foreign_urls: bool = Field(default=False,

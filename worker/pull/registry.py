@@ -382,7 +382,7 @@ class RegistryClient:
             if stalls > min(settings.timeout_retries, settings.retries):
                 raise RegistryError(f"{image}: {what}: the registry stopped sending after "
                                     f"{done} of {desc.size} bytes (nothing for "
-                                    f"{timeout[1]:g} s, {stalls} times)", image=image,
+                                    f"{timeout[1]:.3g} s, {stalls} times)", image=image,
                                     transient=True) from None
             if drops > self.settings.retries:
                 raise RegistryError(f"{image}: {what}: download kept failing after {done} "

@@ -305,7 +305,7 @@ def request_with_retries(session: requests.Session, method: str, url: str, *,
                         else "get an answer from"
                     limit = timeout[0] if isinstance(exc, requests.ConnectTimeout) else timeout[1]
                     raise RegistryError(f"{prefix}: could not {phase} {where} within "
-                                        f"{limit:g} s ({timed_out} attempts)", image=image,
+                                        f"{limit:.3g} s ({timed_out} attempts)", image=image,
                                         url=redact_url(url), transient=True) from None
             if attempt >= settings.retries:
                 raise RegistryError(f"{prefix}: connection to {redact_url(url)} failed after "
