@@ -111,3 +111,24 @@ def test_temp_of_a_running_download_is_not_swept(tmp_path: Path) -> None:
         out = subprocess.run([sys.executable, "-c", code, str(cache.root)], cwd=ROOT,
                              capture_output=True, text=True, check=True)
         assert out.stdout.strip() == "0" and path.exists()
+
+
+# -- scripts/install-python-deps ----------------------------------------------------------------
+def _picked_python(env: dict[str, str]) -> str:
+    script = ROOT / "scripts" / "install-python-deps"
+    text = script.read_text()
+    start = text.index("pick_python() {")
+    end = text.index("\n}\n", start) + 3
+    out = subprocess.run(["bash", "-c", text[start:end] + "pick_python"], env=env,
+                         capture_output=True, text=True, check=True)
+    return out.stdout.strip()
+
+
+def test_install_python_deps_prefers_the_system_python() -> None:
+    # A venv made from a pyenv Python under /root cannot be used by other users.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHON"}
+    system = Path("/usr/bin/python3")
+    usable = system.exists() and subprocess.run(
+        [str(system), "-c", "import sys; sys.exit(sys.version_info < (3, 11))"]).returncode == 0
+    assert _picked_python(env) == (str(system) if usable else "python3")
+    assert _picked_python(dict(env, PYTHON="/opt/py/bin/python3.12")) == "/opt/py/bin/python3.12"
