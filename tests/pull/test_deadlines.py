@@ -6,6 +6,7 @@ The thresholds are set low in the test settings so each case takes about a secon
 from __future__ import annotations
 
 import socket
+import threading
 import time
 from typing import Any
 
@@ -176,3 +177,21 @@ def test_refused_connection_says_so_and_gives_up_soon(settings: Any) -> None:
     assert f"connection to 127.0.0.1:{port} refused" in message
     assert f"127.0.0.1:{port}/app:v1" in message
     assert "3 attempts" in message
+
+
+def test_cancel_interrupts_a_read_blocked_on_a_silent_server(fake_registry: FakeServer,
+                                                             settings_factory: Any) -> None:
+    from worker.errors import Canceled
+    from worker.pull.fetch import fetch_layers
+    img = fake_registry.add_image("app", "v1", [gz_layer(2, 300_000, 6)])
+    fake_registry.slow_chunk = 4096
+    fake_registry.slow_blobs[img.layer_digests[0]] = 30   # one piece, then 30 s of silence
+    settings = settings_factory(read_timeout=60, min_transfer_rate=0)
+    r = resolve(img.reference, None, settings)
+    cancel = threading.Event()
+    threading.Timer(0.5, cancel.set).start()
+    start = time.monotonic()
+    with pytest.raises(Canceled):
+        fetch_layers(r, settings, cancel=cancel)
+    assert elapsed(start) < 10    # not the 30 s silence, nor the 60 s read timeout
+    assert_cache_clean(settings.cache_dir)

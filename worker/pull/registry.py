@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import logging
 import threading
@@ -317,10 +318,16 @@ class RegistryClient:
             if total is not None and total < desc.size:
                 resp.close()
                 raise _short_blob(image, what, desc, total)
+            if total is not None and total > desc.size:
+                resp.close()
+                raise DigestMismatch(f"{image}: {what}", desc.digest,
+                                     f"a blob of {total} bytes, larger than the {desc.size} "
+                                     "bytes the manifest announces")
             pending = bytearray()
             received = 0
+            unblock = _unblock_on_cancel(resp, cancel)
             try:
-                with resp:
+                with resp, unblock:
                     last_yield = time.monotonic()
                     window: collections.deque[tuple[float, int]] = collections.deque(
                         [(last_yield, done)])
@@ -393,6 +400,32 @@ class RegistryClient:
         actual = "sha256:" + sha.hexdigest()
         if actual != desc.digest:
             raise DigestMismatch(f"{image}: {what}", desc.digest, actual)
+
+
+@contextlib.contextmanager
+def _unblock_on_cancel(resp: requests.Response,
+                       cancel: threading.Event | None) -> Iterator[None]:
+    """While inside, a set ``cancel`` shuts the socket down, so a read blocked on a silent
+    server returns at once instead of after the read timeout (Ctrl-C, SIGTERM, a failed
+    sibling download)."""
+    if cancel is None or not hasattr(resp.raw, "shutdown"):
+        yield
+        return
+    finished = threading.Event()
+
+    def watch() -> None:
+        while not finished.wait(0.1):
+            if cancel.is_set():
+                with contextlib.suppress(Exception):
+                    resp.raw.shutdown()
+                return
+
+    watcher = threading.Thread(target=watch, daemon=True, name="rootfs-export-unblock")
+    watcher.start()
+    try:
+        yield
+    finally:
+        finished.set()
 
 
 class _TransferTooSlow(Exception):
