@@ -121,6 +121,7 @@ def test_token_endpoint_cannot_hold_a_pull(fake_registry: FakeServer, quick: Any
         resolve(img.reference, None, quick)
     assert elapsed(start) < 9
     assert "token service" in str(info.value)
+    assert str(info.value).startswith(img.reference + ": ")
 
 
 def test_blob_shorter_than_announced_fails_at_once(fake_registry: FakeServer,

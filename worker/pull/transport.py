@@ -269,6 +269,12 @@ def request_with_retries(session: requests.Session, method: str, url: str, *,
                 resp._content = body
                 resp._content_consumed = True  # type: ignore[attr-defined]
                 resp.close()
+        except RegistryError as exc:
+            # raised by the auth hook (token service): say which image it was for
+            if image and exc.image is None and not str(exc).startswith(image):
+                exc.args = (f"{image}: {exc}",)
+                exc.image = image
+            raise
         except requests.exceptions.SSLError as exc:
             # Not transient: retrying will not make the certificate valid.
             raise RegistryError(f"{prefix}: TLS connection to {redact_url(url)} failed "
