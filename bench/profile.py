@@ -27,6 +27,14 @@ from bench.measure import Scratch, cleanup_workdir
 REPO = Path(__file__).resolve().parent.parent
 
 
+# Frames that mean "this thread is waiting": py-spy's --native mode still samples threads
+# blocked in a lock or condition wait (the unsymbolised libc futex frame hides the idle state),
+# so such stacks are dropped before anything is counted as CPU.
+WAITING = ("Condition.wait (", "Event.wait (", "Thread.join (", "_wait_for_tstate_lock (",
+           "lock_PyThread_acquire_lock", "PyThread_acquire_lock_timed", "Queue.get (",
+           "epoll_wait", "select (")
+
+
 def summarise(collapsed: Path, top: int = 30) -> str:
     """Self and inclusive sample counts per function from py-spy's raw (collapsed) output."""
     self_c: Counter[str] = Counter()
@@ -34,12 +42,15 @@ def summarise(collapsed: Path, top: int = 30) -> str:
     by_module: Counter[str] = Counter()
     by_ours: Counter[str] = Counter()
     by_thread: Counter[str] = Counter()
-    total = 0
+    total = waiting = 0
     for line in collapsed.read_text(errors="replace").splitlines():
         stack, _, count_s = line.rpartition(" ")
         if not stack or not count_s.isdigit():
             continue
         n = int(count_s)
+        if any(w in stack for w in WAITING):
+            waiting += n
+            continue
         frames = [_short(f) for f in stack.split(";")]
         # py-spy puts "process PID:..." and "thread (...)" frames first with --subprocesses.
         head = [f for f in frames if f.startswith(("process ", "thread "))]
@@ -56,7 +67,8 @@ def summarise(collapsed: Path, top: int = 30) -> str:
             incl[f] += n
     if not total:
         return "no samples\n"
-    lines = [f"{total} CPU samples (threads waiting on I/O or locks are not sampled)", "",
+    lines = [f"{total} CPU samples; {waiting} more samples of threads waiting on a lock, event or "
+             "poll were dropped", "",
              "by process / thread:"]
     lines += [f"  {n * 100 / total:5.1f}%  {k}" for k, n in by_thread.most_common(12)]
     lines += ["", "by module of the frame on top of the stack (where the CPU actually is):"]
@@ -69,6 +81,15 @@ def summarise(collapsed: Path, top: int = 30) -> str:
     lines += ["", f"top {top} by inclusive time (anywhere on the stack):"]
     lines += [f"  {n * 100 / total:5.1f}%  {k}" for k, n in incl.most_common(top)]
     return "\n".join(lines) + "\n"
+
+
+def _timings(result: str) -> str:
+    import json
+
+    try:
+        return json.dumps(json.loads(result).get("timings", {}))
+    except (json.JSONDecodeError, AttributeError):
+        return result[:300]
 
 
 def _module(frame: str) -> str:
@@ -135,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
                           capture_output=True, text=True, timeout=30).stdout.strip()
     text = (f"py-spy profile of `rootfs-export export` (git {head}) of image {args.image} "
             f"({image.description}), format {args.format}, method {args.method}, cold cache\n"
-            f"result: {result[:2000]}\n\n" + summarise(collapsed))
+            f"engine timings (s, slowed by the profiler): {_timings(result)}\n\n"
+            + summarise(collapsed))
     (args.results / f"profile-{tag}.txt").write_text(text)
     print(text)
     return 0

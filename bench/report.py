@@ -189,6 +189,7 @@ def render(doc: dict[str, Any], elapsed: float | None = None,
     v = doc.get("versions", {})
     lines = ["# rootfs-export benchmark results", "",
              f"Run {doc.get('started', '?')}"
+             + (f" (more rounds from {', '.join(doc['merged'])})" if doc.get("merged") else "")
              + (f", {elapsed / 60:.1f} min" if elapsed else "")
              + f"; rounds per image: {doc.get('rounds_done') or doc.get('args', {}).get('rounds', '?')}"
              f" (contender order rotated each round). "
@@ -401,9 +402,29 @@ def chart(doc: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def merge(doc: dict[str, Any], other: dict[str, Any]) -> None:
+    """Append ``other``'s main-table runs to ``doc`` as further rounds (same machine, a later
+    ``--no-scaling`` invocation that had time for more rounds)."""
+    offset = max((r["round"] for r in doc["runs"] if r["extra"].get("series") == "main"),
+                 default=0)
+    added = set()
+    for r in other["runs"]:
+        if r["extra"].get("series", "main") == "main":
+            r["round"] += offset
+            added.add(r["round"])
+            doc["runs"].append(r)
+    doc["rounds_done"] = (doc.get("rounds_done") or offset) + len(added)
+    doc.setdefault("merged", []).append(other.get("started", "?"))
+
+
 def main(argv: list[str]) -> int:
+    """``python -m bench.report RESULTS.json [MORE.json ...]``: re-render, merging more rounds."""
     path = Path(argv[0]) if argv else Path(__file__).parent / "results" / "results.json"
     doc = json.loads(path.read_text())
+    if len(argv) > 1:
+        for extra in argv[1:]:
+            merge(doc, json.loads(Path(extra).read_text()))
+        path.write_text(json.dumps(doc, indent=1))
     md, summary = render(doc, None, path.parent)
     (path.parent / "RESULTS.md").write_text(md)
     chart(doc, path.parent / "bench.png")
