@@ -18,6 +18,7 @@ import pytest
 
 from tests.support.redis import RedisProcess
 from tests.support.registry import RegistryProcess
+from tests.support.root import require_root
 
 REQUIRED_TOOLS = {
     "docker-registry": "apt install docker-registry",
@@ -45,6 +46,11 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
+    # Root-only checks (switching users, device nodes, ownership) fail loudly when not root,
+    # like a missing tool: a green run must never hide them as skips.
+    marker = item.get_closest_marker("needs_root")
+    if marker is not None:
+        require_root(marker.kwargs.get("reason") or (marker.args[0] if marker.args else "root only"))
     if _missing_tools:
         hints = "; ".join(f"{t}: {REQUIRED_TOOLS[t]}" for t in _missing_tools)
         pytest.fail(

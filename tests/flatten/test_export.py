@@ -190,7 +190,7 @@ def test_existing_non_empty_dir_is_refused_untouched(small_image: Any, tmp_path:
     assert (empty / "etc/hostname").read_text() == "vm\n"
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="switching to an unprivileged user needs root")
+@pytest.mark.needs_root(reason="switching to an unprivileged user needs root")
 def test_unprivileged_dir_export_warns_with_counts(registry: Any,
                                                   request: pytest.FixtureRequest) -> None:
     img = push_image(registry, "export/privileged", "v1", [Layer.from_entries([

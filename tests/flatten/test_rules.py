@@ -29,7 +29,7 @@ from tests.support.imagebuilder import (
 
 CAP_NET_RAW = bytes.fromhex("0100000200200000000000000000000000000000")
 
-root_only = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (ownership, devices, "
+root_only = pytest.mark.needs_root(reason="needs root (ownership, devices, "
                                "security.* xattrs in the dir output)")
 
 
@@ -315,7 +315,7 @@ def test_plain_tar_layer_made_by_gnu_tar(both: Any, tmp_path: Path) -> None:
     assert ex.result_tar["extra"]["passthrough_headers"] >= 1
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="switching to an unprivileged user needs root")
+@pytest.mark.needs_root(reason="switching to an unprivileged user needs root")
 def test_unprivileged_gnu_tar_fills_read_only_dirs(both: Any,
                                                    request: pytest.FixtureRequest) -> None:
     import shutil

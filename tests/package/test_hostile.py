@@ -20,6 +20,7 @@ from tests.flatten.support import run_export
 from tests.package.conftest import LOOP_SKIP
 from tests.package.helpers import debugfs, fsck
 from tests.support.imagebuilder import Layer, TarEntry, file, hardlink, push_image, symlink
+from tests.support.root import require_root
 from worker.package.e2fs import DebugfsUnsafe, debugfs_quote, debugfs_refusal
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -104,8 +105,7 @@ def test_xattrs_the_kernel_cannot_hold_are_refused(registry: Any, tmp_path: Path
 @pytest.mark.parametrize("where", ["link", "owner"])
 def test_newline_names_of_hardlinked_symlinks_never_reach_debugfs_as_root(
         registry: Any, shared_tmp: Path, where: str) -> None:
-    if os.geteuid() != 0:
-        pytest.skip("the dir method relinks hardlinked symlinks with debugfs as root only")
+    require_root("the dir method relinks hardlinked symlinks with debugfs as root only")
     sentinel = shared_tmp / f"pwned-{where}"
     owner = "s" + (_injection(sentinel) if where == "owner" else "")
     link = "l" + (_injection(sentinel) if where == "link" else "")
@@ -131,8 +131,7 @@ def test_newline_names_of_hardlinked_symlinks_never_reach_debugfs_as_root(
 @pytest.mark.parametrize("where", ["link", "owner"])
 def test_newline_names_of_hardlinks_never_reach_debugfs_as_non_root(
         registry: Any, shared_tmp: Path, where: str) -> None:
-    if os.geteuid() != 0:
-        pytest.skip("needs root to switch to an unprivileged user")
+    require_root("switch to an unprivileged user")
     sentinel = shared_tmp / f"pwned-{where}"
     owner = "dev/null" + (_injection(sentinel) if where == "owner" else "")
     link = "dev/zero" + (_injection(sentinel) if where == "link" else "")
@@ -195,8 +194,7 @@ def _refused(image: Any, out: Path | str, fmt: str, cache: Path, *extra: str) ->
 @pytest.mark.parametrize("fmt", ["tar", "ext4", "dir"])
 def test_a_device_node_output_is_refused_before_any_work(tiny_image: Any, tmp_path: Path,
                                                          fmt: str) -> None:
-    if os.geteuid() != 0:
-        pytest.skip("only root can make (and could replace) a device node")
+    require_root("only root can make (and could replace) a device node")
     # a private copy of /dev/null: a regression must not break the machine's own
     null = tmp_path / "null"
     os.mknod(null, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
@@ -272,8 +270,7 @@ def test_an_unwritable_output_directory_is_a_clear_error(tiny_image: Any, tmp_pa
 def test_a_squatted_private_directory_does_not_stop_an_export(tiny_image: Any,
                                                                shared_tmp: Path,
                                                                squat: str) -> None:
-    if os.geteuid() != 0:
-        pytest.skip("needs root to play two users")
+    require_root("play two users")
     tmp = shared_tmp / "tmp"
     tmp.mkdir(mode=0o1777)
     os.chmod(tmp, 0o1777)
@@ -320,8 +317,7 @@ def owned_image(registry: Any) -> Any:
 
 def test_strict_refuses_a_lossy_non_root_dir_export(owned_image: Any,
                                                     shared_tmp: Path) -> None:
-    if os.geteuid() != 0:
-        pytest.skip("needs root to switch to an unprivileged user")
+    require_root("switch to an unprivileged user")
     work = shared_tmp / "work"
     work.mkdir()
     os.chown(work, NOBODY, NOBODY)
@@ -338,8 +334,7 @@ def test_strict_refuses_a_lossy_non_root_dir_export(owned_image: Any,
 
 def test_ext4_dir_method_as_non_root_does_not_warn_about_what_it_restores(
         owned_image: Any, shared_tmp: Path) -> None:
-    if os.geteuid() != 0:
-        pytest.skip("needs root to switch to an unprivileged user")
+    require_root("switch to an unprivileged user")
     work = shared_tmp / "work"
     work.mkdir()
     os.chown(work, NOBODY, NOBODY)

@@ -19,8 +19,7 @@ from tests.package.helpers import debugfs, fsck
 ROOT = Path(__file__).resolve().parents[2]
 NOBODY = 65534
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0,
-                                reason="needs root to switch to an unprivileged user")
+pytestmark = pytest.mark.needs_root(reason="needs root to switch to an unprivileged user")
 
 
 @pytest.fixture
