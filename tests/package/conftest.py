@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -43,3 +45,14 @@ def leftovers(needle: str) -> list[str]:
                            check=False).stdout
     found += [line for line in loops.splitlines() if needle in line]
     return found
+
+
+@pytest.fixture
+def shared_tmp() -> Iterator[Path]:
+    """A directory an unprivileged user can reach and write (pytest's tmp_path is root-only)."""
+    path = Path(tempfile.mkdtemp(prefix="rootfs-export-shared-"))
+    os.chmod(path, 0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)

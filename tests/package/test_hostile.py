@@ -5,12 +5,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import stat
 import subprocess
 import sys
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,15 +24,6 @@ ROOT = Path(__file__).resolve().parents[2]
 NOBODY = 65534
 
 
-@pytest.fixture
-def shared_tmp() -> Iterator[Path]:
-    """A directory an unprivileged user can reach and write (pytest's tmp_path is root-only)."""
-    path = Path(tempfile.mkdtemp(prefix="rootfs-export-hostile-"))
-    os.chmod(path, 0o755)
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def _injection(sentinel: Path) -> str:

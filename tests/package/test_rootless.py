@@ -7,8 +7,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,15 +20,6 @@ NOBODY = 65534
 pytestmark = pytest.mark.needs_root(reason="needs root to switch to an unprivileged user")
 
 
-@pytest.fixture
-def shared_tmp() -> Iterator[Path]:
-    """A directory the unprivileged user can reach (pytest's tmp_path is root-only)."""
-    path = Path(tempfile.mkdtemp(prefix="rootfs-export-rootless-"))
-    os.chmod(path, 0o755)
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def run_unprivileged(tmp_path: Path, method: str, *extra: str) -> dict[str, Any]:
