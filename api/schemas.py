@@ -29,7 +29,7 @@ _NODE_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _LABEL_RE = re.compile(r"^[A-Za-z0-9._+-]{0,16}$")
 
 Format = Literal["ext4", "tar", "dir"]
-Ext4MethodName = Literal["auto", "stream", "mount", "dir"]
+Ext4MethodName = Literal["auto", "direct", "stream", "mount", "dir"]
 Status = Literal["queued", "running", "succeeded", "failed", "canceled"]
 
 

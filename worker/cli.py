@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--low-disk", action="store_true",
                    help="delete each compressed layer from the cache once it is applied")
     e = p.add_argument_group("ext4")
-    e.add_argument("--ext4-method", choices=["auto", "stream", "mount", "dir"], default="auto")
+    e.add_argument("--ext4-method", choices=["auto", "direct", "stream", "mount", "dir"], default="auto")
     e.add_argument("--size", help="image size (e.g. 2G, 512M); default: sized from the content")
     e.add_argument("--headroom", help="free space to add: a fraction (0.1) or a size (256M)")
     e.add_argument("--ext4-features", default="default",

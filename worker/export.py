@@ -37,6 +37,7 @@ class Ext4Method(StrEnum):
     STREAM = "stream"   # flattened tar piped into `mke2fs -d -` (e2fsprogs >= 1.47.1)
     MOUNT = "mount"     # loop-mount an empty filesystem and apply into it (root)
     DIR = "dir"         # flatten into a private staging dir, then `mke2fs -d DIR`
+    DIRECT = "direct"   # lay out the filesystem ourselves, data in large sequential writes
 
 
 @dataclass(frozen=True, slots=True)
@@ -376,7 +377,7 @@ def _build_with(resolved: ResolvedImage, layers: list[LayerIndex], request: Expo
 
             build = build_ext4(plan, request, settings, identity=identity,
                                write_tar=tar_writer, write_dir=dir_writer, progress=progress,
-                               cancel=cancel)
+                               cancel=cancel, locate=locate, on_layer_done=layer_done)
             output, size, sha = str(build.output), build.output_size, build.sha256
             warnings.extend(build.warnings)
             extra.update(build.extra())

@@ -58,7 +58,7 @@ def build(plan: FlatPlan, locate: BlobLocator, output: Path, *, method: str = "s
 
     return build_ext4(plan, request, settings or small_settings(), identity=identity,
                       write_tar=write_tar_fn or tar_writer, write_dir=write_dir_fn or dir_writer,
-                      progress=progress, cancel=cancel)
+                      progress=progress, cancel=cancel, locate=locate)
 
 
 def fsck(image: Path) -> subprocess.CompletedProcess[str]:

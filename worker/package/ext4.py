@@ -64,6 +64,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, cast
 from worker.cache.index import EntryKind, IndexEntry
 from worker.errors import Canceled, ConfigError, PackagingError, RootfsExportError, ToolMissing
 from worker.flatten.plan import FlatPlan
+from worker.flatten.reader import BlobLocator
 from worker.flatten.times import EXT4_RANGE, split_time
 from worker.package.e2fs import (
     BLOCK_SIZE,
@@ -82,6 +83,12 @@ from worker.package.e2fs import (
     tail,
     tar_stream_support,
     tool_env,
+)
+from worker.package.ext4fs.writer import (
+    DirectSpec,
+    unsupported_features,
+    write_image,
+    written_features,
 )
 from worker.package.features import mke2fs_option, resolve_features
 from worker.package.loop import loop_available, loop_mounted
@@ -166,14 +173,18 @@ def build_ext4(plan: FlatPlan, request: ExportRequest, settings: Settings, *,
                write_tar: TarWriter,
                write_dir: DirWriter,
                progress: ProgressCallback = no_progress,
-               cancel: threading.Event | None = None) -> Ext4Build:
+               cancel: threading.Event | None = None,
+               locate: BlobLocator | None = None,
+               on_layer_done: Callable[[int], None] | None = None) -> Ext4Build:
     """Build ``request.output`` as an ext4 image holding ``plan``; return what was made.
 
     ``identity`` is the manifest digest (for ``--add`` builds, the digest plus the add layer's
     diff_id): together with ``request.ext4`` it seeds the UUID and directory hash seed so that
     the same identity and options give a byte-identical image. ``write_tar`` / ``write_dir``
     are the flatten stage's writers bound to the plan and the blob cache; only the one the
-    chosen method needs is called. ``request.adds`` must already be part of ``plan`` (see
+    chosen method needs is called. The direct method reads the layers itself through
+    ``locate`` (without it, direct is not available) and calls ``on_layer_done(i)`` once
+    layer ``i`` will not be read again. ``request.adds`` must already be part of ``plan`` (see
     :func:`worker.package.adds.adds_layer`). The ``OUT.json`` sidecar is not written here:
     ``build_output`` writes it with :func:`worker.package.sidecar.write_sidecar` after it made
     the ExportResult. The returned warnings are the whole truth about what the image lacks:
@@ -202,7 +213,8 @@ def build_ext4(plan: FlatPlan, request: ExportRequest, settings: Settings, *,
         raise ConfigError(f"ROOTFS_EXPORT_EXT4_ALIGNMENT: {alignment} is not a multiple of "
                           f"{BLOCK_SIZE} (the block size)")
     _check_lost_found(plan)
-    method, warnings = choose_method(plan, opts.method, strict=opts.strict)
+    method, warnings = choose_method(plan, opts.method, strict=opts.strict, features=features,
+                                     direct_ok=locate is not None)
     _check_cancel(cancel)
     if not out.parent.is_dir():
         raise PackagingError(f"cannot write {out}: directory {out.parent} does not exist")
@@ -233,7 +245,11 @@ def build_ext4(plan: FlatPlan, request: ExportRequest, settings: Settings, *,
         progress(ProgressEvent(Phase.PACKAGE, bytes_total=plan.data_bytes,
                                message=f"writing ext4 image ({method} method)"))
         t0 = time.monotonic()
-        if method == Ext4Method.STREAM:
+        if method == Ext4Method.DIRECT:
+            assert locate is not None    # choose_method only picks direct with a locator
+            _build_direct(plan, image, fs_bytes, inodes, features, label, fs_uuid, hash_seed,
+                          locate, progress, cancel, on_layer_done)
+        elif method == Ext4Method.STREAM:
             _build_stream(mkfs, image, fs_bytes, write_tar, cancel)
             _debugfs_fixups(image, plan, xattrs="non-cap", root=False)
         elif method == Ext4Method.MOUNT:
@@ -363,8 +379,9 @@ def largest_directory(plan: FlatPlan) -> tuple[str, int]:
     return path, counts[path]
 
 
-def choose_method(plan: FlatPlan, requested: Ext4Method, *,
-                  strict: bool = False) -> tuple[Ext4Method, list[str]]:
+def choose_method(plan: FlatPlan, requested: Ext4Method, *, strict: bool = False,
+                  features: tuple[str, ...] | None = None,
+                  direct_ok: bool = True) -> tuple[Ext4Method, list[str]]:
     """The method to use for ``plan`` and any warnings; errors if a forced one cannot run.
 
     Auto: ``stream`` where ``mke2fs -d -`` works and can reproduce the plan (and no directory
@@ -376,6 +393,15 @@ def choose_method(plan: FlatPlan, requested: Ext4Method, *,
     from worker.export import Ext4Method
 
     warnings: list[str] = []
+    if requested == Ext4Method.DIRECT:
+        missing = unsupported_features(features or ())
+        if missing:
+            raise ConfigError("--ext4-method direct cannot write the requested ext4 features: "
+                              + ", ".join(missing) + " (use --ext4-features default or compat, "
+                              "or another --ext4-method)")
+        if not direct_ok:
+            raise ConfigError("--ext4-method direct needs the layer blobs (not given here)")
+        return Ext4Method.DIRECT, warnings
     stream_ok, stream_why = tar_stream_support()
     blockers = stream_blockers(plan) if stream_ok else []
     loop_ok, loop_why = loop_available()
@@ -533,7 +559,21 @@ def _human(n: int) -> str:
     return f"{n}B"
 
 
-# -- the three methods ---------------------------------------------------------------------------
+# -- the methods ---------------------------------------------------------------------------------
+
+def _build_direct(plan: FlatPlan, image: Path, fs_bytes: int, inodes: int,
+                  features: tuple[str, ...], label: str, fs_uuid: str, hash_seed: str,
+                  locate: BlobLocator, progress: ProgressCallback,
+                  cancel: threading.Event | None,
+                  on_layer_done: Callable[[int], None] | None) -> None:
+    """The plan written straight into the image file by our own ext4 writer (ext4fs/)."""
+    spec = DirectSpec(blocks=fs_bytes // BLOCK_SIZE, inodes=inodes,
+                      features=written_features(features), label=label.encode(),
+                      uuid=uuid.UUID(fs_uuid).bytes, hash_seed=uuid.UUID(hash_seed).bytes,
+                      fixed_time=FIXED_TIME)
+    write_image(plan, image, spec, locate, progress=progress, cancel=cancel,
+                on_layer_done=on_layer_done)
+
 
 def _build_stream(mkfs: list[str], image: Path, fs_bytes: int, write_tar: TarWriter,
                   cancel: threading.Event | None) -> None:

@@ -1,0 +1,665 @@
+"""The direct writer: a flattened plan and its cached layers -> an ext4 image file.
+
+Everything but file data is decided before a byte of a layer is read: inode numbers (in plan
+order, after the reserved ones), directory blocks, xattr blocks, the journal, the orphan file
+and where every file's data goes (allocated in layer stream order, so each layer is read once
+and its files land one after the other). Then the metadata is written, and the layers are
+streamed through a large buffer into ``os.pwrite`` calls of several MiB. The image file is
+created sparse (truncated to its size), so untouched blocks (free space, most of the inode
+tables, the journal, holes of sparse files) are zeros that cost no I/O.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from worker.cache.index import EntryKind
+from worker.errors import Canceled, LayerError, PackagingError
+from worker.flatten.plan import FlatPlan, PlannedEntry
+from worker.flatten.reader import BlobLocator, LayerStream
+from worker.flatten.tarout import sparse_map
+from worker.flatten.times import EXT4_RANGE, split_time
+from worker.package.ext4fs import checksum as ck
+from worker.package.ext4fs import records as rec
+from worker.package.ext4fs.layout import (
+    BLOCK,
+    BLOCKS_PER_GROUP,
+    INODE_SIZE,
+    Geometry,
+    extents_for,
+    plan_geometry,
+)
+from worker.progress import Phase, ProgressCallback, ProgressEvent, no_progress
+
+#: features the direct writer always produces
+REQUIRED = frozenset({"sparse_super", "large_file", "filetype", "ext_attr", "extent", "huge_file",
+                      "flex_bg", "metadata_csum", "64bit", "dir_nlink", "extra_isize"})
+#: features it can leave out or add on request (resize_inode is accepted and left out: the
+#: superblock then says so, and the guest can still grow the filesystem offline)
+OPTIONAL = frozenset({"has_journal", "dir_index", "metadata_csum_seed", "orphan_file",
+                      "resize_inode"})
+#: what the data writer buffers before one pwrite
+WRITE_BUFFER = 8 << 20
+
+ROOT_INO, JOURNAL_INO, LOST_FOUND_INO, ORPHAN_INO = 2, 8, 11, 12
+
+_FTYPE = {EntryKind.FILE: rec.FT_REG, EntryKind.DIR: rec.FT_DIR, EntryKind.SYMLINK: rec.FT_SYMLINK,
+          EntryKind.CHAR: rec.FT_CHR, EntryKind.BLOCK: rec.FT_BLK, EntryKind.FIFO: rec.FT_FIFO}
+_IFMT = {EntryKind.FILE: rec.S_IFREG, EntryKind.DIR: rec.S_IFDIR, EntryKind.SYMLINK: rec.S_IFLNK,
+         EntryKind.CHAR: rec.S_IFCHR, EntryKind.BLOCK: rec.S_IFBLK, EntryKind.FIFO: rec.S_IFIFO}
+
+
+def unsupported_features(features: Iterable[str]) -> list[str]:
+    """What in ``features`` the direct writer cannot produce: unknown features by name, and
+    required ones that are missing as ``^name``. Empty: it can write exactly this set."""
+    wanted = set(features)
+    bad = sorted(wanted - REQUIRED - OPTIONAL)
+    bad += sorted(f"^{name}" for name in REQUIRED - wanted)
+    if "orphan_file" in wanted and "has_journal" not in wanted:
+        bad.append("orphan_file without has_journal")
+    return bad
+
+
+def written_features(features: Iterable[str]) -> frozenset[str]:
+    """The features the superblock will carry for a request of ``features``."""
+    return frozenset(features) - {"resize_inode"}
+
+
+@dataclass(frozen=True, slots=True)
+class DirectSpec:
+    """What the image must look like besides its content."""
+
+    blocks: int
+    inodes: int
+    features: frozenset[str]
+    label: bytes
+    uuid: bytes
+    hash_seed: bytes
+    fixed_time: int
+
+
+@dataclass(slots=True)
+class _Inode:
+    ino: int
+    mode: int
+    uid: int = 0
+    gid: int = 0
+    size: int = 0
+    mtime: int = 0
+    mtime_ns: int = 0
+    atime: int = 0
+    ctime: int = 0
+    links: int = 1
+    flags: int = rec.EXTENTS_FL
+    extents: list[tuple[int, int, int]] = field(default_factory=list)
+    tree_blocks: list[int] = field(default_factory=list)
+    i_block: bytes = b""
+    xattrs: list[rec.Xattr] = field(default_factory=list)
+    inline: list[rec.Xattr] = field(default_factory=list)
+    xattr_block: int = 0
+    data_blocks: int = 0
+
+
+@dataclass(slots=True)
+class _Dir:
+    inode: _Inode
+    parent: int
+    entries: list[tuple[int, bytes, int]] = field(default_factory=list)
+    subdirs: int = 0
+    min_blocks: int = 1
+    blocks: list[tuple[int, int]] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _Data:
+    """Where one file's stored bytes go."""
+
+    entry: PlannedEntry
+    inode: _Inode
+    segments: list[tuple[int, int]]      # (file offset, length) in stream order
+
+
+class _Layout:
+    """The pure part: every inode, block and record, before any I/O."""
+
+    def __init__(self, plan: FlatPlan, spec: DirectSpec) -> None:
+        self.plan = plan
+        self.spec = spec
+        self.csum_seed = ck.fs_seed(spec.uuid)
+        self.geo, self.alloc = plan_geometry(spec.blocks, spec.inodes)
+        self.inodes: dict[int, _Inode] = {}
+        self.dirs: dict[str, _Dir] = {}
+        self.meta: list[tuple[int, bytes | bytearray]] = []    # (block, bytes) to write
+        self.data: dict[int, list[_Data]] = {}
+        self.next_ino = ORPHAN_INO + 1 if "orphan_file" in spec.features else ORPHAN_INO
+        self.journal_i_block = b""
+        self._file_inodes: dict[str, _Inode] = {}
+        self._build()
+
+    # -- inodes ----------------------------------------------------------------------------
+    def _new_ino(self) -> int:
+        ino = self.next_ino
+        self.next_ino += 1
+        if ino > self.geo.inodes:
+            raise PackagingError(f"the ext4 image has {self.geo.inodes} inodes; this image "
+                                 "needs more")
+        return ino
+
+    def _fixed(self, ino: int, mode: int) -> _Inode:
+        t = self.spec.fixed_time
+        return _Inode(ino=ino, mode=mode, mtime=t, atime=t, ctime=t)
+
+    def _from_entry(self, ino: int, pe: PlannedEntry) -> _Inode:
+        e = pe.entry
+        seconds, ns = split_time(e.mtime, EXT4_RANGE)
+        node = _Inode(ino=ino, mode=_IFMT[e.kind] | (e.mode & 0o7777), uid=e.uid, gid=e.gid,
+                      mtime=seconds, mtime_ns=ns, atime=seconds, ctime=seconds)
+        if e.xattrs:
+            try:
+                node.xattrs = [rec.split_xattr(name, value) for name, value in e.xattrs]
+            except ValueError as exc:
+                raise PackagingError(f"{pe.path!r}: {exc}") from None
+        return node
+
+    def _build(self) -> None:
+        plan, spec = self.plan, self.spec
+        csum = "metadata_csum" in spec.features
+        ino_of: dict[str, int] = {}
+        kinds: dict[int, EntryKind] = {}
+        has_lpf = any(pe.path == "lost+found" for pe in plan.entries)
+        symlinks: list[tuple[_Inode, bytes]] = []
+        for pe in plan.entries:
+            if pe.path == ".":
+                node = self._from_entry(ROOT_INO, pe)
+                self.inodes[ROOT_INO] = node
+                self.dirs["."] = _Dir(node, ROOT_INO)
+                ino_of["."] = ROOT_INO
+                if not has_lpf:
+                    self._lost_found(self.dirs["."])
+                continue
+            parent_path, _, name = pe.path.rpartition("/")
+            parent = self.dirs.get(parent_path or ".")
+            if parent is None:
+                raise PackagingError(f"{pe.path!r}: its parent is not a directory in the plan")
+            if pe.link_to is not None:
+                ino = ino_of.get(pe.link_to, 0)
+                if not ino:
+                    raise PackagingError(f"hardlink {pe.path!r} to {pe.link_to!r}, which is "
+                                         "not in the plan before it")
+                self.inodes[ino].links += 1
+                parent.entries.append((ino, os.fsencode(name), _FTYPE[kinds[ino]]))
+                continue
+            e = pe.entry
+            if e.kind not in _IFMT:
+                raise PackagingError(f"{pe.path!r}: cannot store a {e.kind} in ext4")
+            ino = LOST_FOUND_INO if pe.path == "lost+found" else self._new_ino()
+            node = self._from_entry(ino, pe)
+            self.inodes[ino] = node
+            ino_of[pe.path] = ino
+            kinds[ino] = e.kind
+            parent.entries.append((ino, os.fsencode(name), _FTYPE[e.kind]))
+            if e.kind == EntryKind.DIR:
+                d = _Dir(node, parent.inode.ino)
+                if ino == LOST_FOUND_INO:
+                    d.min_blocks = 4
+                self.dirs[pe.path] = d
+                parent.subdirs += 1
+            elif e.kind == EntryKind.FILE:
+                node.size = e.size
+                self._file_inodes[pe.path] = node
+            elif e.kind == EntryKind.SYMLINK:
+                target = os.fsencode(e.linkname)
+                node.size = len(target)
+                if len(target) < 60:
+                    node.flags = 0
+                    node.i_block = target
+                else:
+                    symlinks.append((node, target))
+            else:
+                node.flags = 0
+                if e.kind in (EntryKind.CHAR, EntryKind.BLOCK):
+                    node.i_block = rec.device_block(e.devmajor, e.devminor)
+        for node in self.inodes.values():
+            if node.links > rec.LINK_MAX and node.mode & 0o170000 != rec.S_IFDIR:
+                raise PackagingError(f"an inode with {node.links} hardlinks: ext4 allows at "
+                                     f"most {rec.LINK_MAX}")
+        self._allocate(csum, symlinks)
+
+    def _lost_found(self, root: _Dir) -> None:
+        node = self._fixed(LOST_FOUND_INO, rec.S_IFDIR | 0o700)
+        self.inodes[LOST_FOUND_INO] = node
+        d = _Dir(node, ROOT_INO, min_blocks=4)
+        self.dirs["lost+found"] = d
+        root.entries.append((LOST_FOUND_INO, b"lost+found", rec.FT_DIR))
+        root.subdirs += 1
+
+    # -- allocation ------------------------------------------------------------------------------
+    def _allocate(self, csum: bool, symlinks: list[tuple[_Inode, bytes]]) -> None:
+        alloc = self.alloc
+        spec = self.spec
+        blocks = self.geo.blocks
+        journal = orphan = None
+        if "has_journal" in spec.features:
+            n = rec.journal_blocks(blocks)
+            journal = self._fixed(JOURNAL_INO, rec.S_IFREG | 0o600)
+            journal.size = n * BLOCK
+            journal.extents = extents_for([(0, n)], alloc.runs(n, "the journal"))
+            self.inodes[JOURNAL_INO] = journal
+            self.meta.append((journal.extents[0][1],
+                              rec.journal_superblock(n, spec.uuid)))
+        if "orphan_file" in spec.features:
+            n = rec.orphan_file_blocks(blocks)
+            orphan = self._fixed(ORPHAN_INO, rec.S_IFREG | 0o600)
+            orphan.size = n * BLOCK
+            orphan.extents = extents_for([(0, n)], alloc.runs(n, "the orphan file"))
+            self.inodes[ORPHAN_INO] = orphan
+            seed = ck.inode_seed(self.csum_seed, ORPHAN_INO)
+            for _, phys, length in orphan.extents:
+                for b in range(phys, phys + length):
+                    block = rec.orphan_block()
+                    struct.pack_into("<I", block, BLOCK - 4,
+                                     ck.orphan_block_csum(seed, b, memoryview(block)[:BLOCK - 8]))
+                    self.meta.append((b, block))
+        # Directories, in plan order (parents before children: a tree walk reads forward).
+        for d in self.dirs.values():
+            node = d.inode
+            entries = [(node.ino, b".", rec.FT_DIR), (d.parent, b"..", rec.FT_DIR), *d.entries]
+            content = rec.pack_dir_blocks(entries, csum_tail=csum)
+            while len(content) < d.min_blocks:
+                content.append(rec.empty_dir_block(csum_tail=csum))
+            n = len(content)
+            node.extents = extents_for([(0, n)], alloc.runs(n, "directories"))
+            node.size = n * BLOCK
+            links = 2 + d.subdirs
+            node.links = 1 if links > rec.LINK_MAX else links
+            seed = ck.inode_seed(self.csum_seed, node.ino)
+            i = 0
+            for _, phys, length in node.extents:
+                for b in range(phys, phys + length):
+                    block = content[i]
+                    i += 1
+                    if csum:
+                        struct.pack_into("<I", block, BLOCK - 4,
+                                         ck.raw(seed, memoryview(block)[:BLOCK - rec.DIR_TAIL]))
+                    self.meta.append((b, block))
+        for node, target in symlinks:
+            (phys, _), = alloc.runs(1, "symlink targets")
+            node.extents = [(0, phys, 1)]
+            self.meta.append((phys, target.ljust(BLOCK, b"\0")))
+        self._xattrs()
+        # File data, layer by layer in stream order.
+        for layer, todo in self.plan.data_layers().items():
+            jobs: list[_Data] = []
+            for pe in todo:
+                node = self._file_inodes[pe.path]
+                e = pe.entry
+                if e.sparse is None:
+                    segments = [(0, e.data_size)]
+                    logical = [(0, -(-e.data_size // BLOCK))]
+                else:
+                    segments = [(o, n) for o, n in sparse_map(e) if n > 0]
+                    logical = _logical_runs(segments)
+                total = sum(n for _, n in logical)
+                node.extents = extents_for(logical, alloc.runs(total, f"file data ({pe.path})"))
+                node.data_blocks = total
+                jobs.append(_Data(pe, node, segments))
+            self.data[layer] = jobs
+        # Extent tree blocks last: only now is every inode's extent count known.
+        for node in self.inodes.values():
+            if len(node.extents) > rec.EXTENTS_IN_INODE:
+                self._extent_tree(node)
+            elif node.flags & rec.EXTENTS_FL:
+                node.i_block = bytes(rec.extent_node(node.extents, 0, rec.EXTENTS_IN_INODE))
+        if journal is not None:
+            self.journal_i_block = journal.i_block
+
+    def _xattrs(self) -> None:
+        """Inline where everything fits the inode, else the rest in one (shared) block."""
+        shared: dict[tuple[rec.Xattr, ...], tuple[int, list[_Inode]]] = {}
+        for node in self.inodes.values():
+            if not node.xattrs:
+                continue
+            ordered = sorted(node.xattrs, key=rec.Xattr.sort_key)
+            if rec.fits_inline(ordered):
+                node.inline = ordered
+                continue
+            inline: list[rec.Xattr] = []
+            rest: list[rec.Xattr] = []
+            for x in ordered:
+                if not rest and rec.fits_inline([*inline, x]):
+                    inline.append(x)
+                else:
+                    rest.append(x)
+            if not rec.fits_block(rest):
+                raise PackagingError(f"inode {node.ino}: its xattrs ("
+                                     f"{sum(len(x.value) for x in node.xattrs)} bytes of values) "
+                                     "do not fit one 4 KiB block (ea_inode is not supported)")
+            node.inline = inline
+            key = tuple(rest)
+            if key in shared:
+                shared[key][1].append(node)
+            else:
+                (phys, _), = self.alloc.runs(1, "xattr blocks")
+                shared[key] = (phys, [node])
+        for key, (phys, users) in shared.items():
+            block = rec.xattr_block(key, len(users))
+            struct.pack_into("<I", block, 0x10, ck.xattr_block_csum(self.csum_seed, phys, block))
+            self.meta.append((phys, block))
+            for node in users:
+                node.xattr_block = phys
+
+    def _extent_tree(self, node: _Inode) -> None:
+        """Leaves of 340 extents, index blocks above them until four entries remain for
+        the inode itself."""
+        seed = ck.inode_seed(self.csum_seed, node.ino)
+        level: list[tuple[int, int, int]] = node.extents
+        depth = 0
+        while len(level) > rec.EXTENTS_IN_INODE:
+            upper: list[tuple[int, int, int]] = []
+            for i in range(0, len(level), rec.EXTENTS_PER_BLOCK):
+                chunk = level[i:i + rec.EXTENTS_PER_BLOCK]
+                (phys, _), = self.alloc.runs(1, "extent tree blocks")
+                block = rec.extent_node(chunk, depth, rec.EXTENTS_PER_BLOCK)
+                block += bytes(BLOCK - len(block))
+                tail = 12 + 12 * rec.EXTENTS_PER_BLOCK
+                struct.pack_into("<I", block, tail, ck.raw(seed, memoryview(block)[:tail]))
+                self.meta.append((phys, block))
+                node.tree_blocks.append(phys)
+                upper.append((chunk[0][0], phys, 0))
+            level = upper
+            depth += 1
+        node.i_block = bytes(rec.extent_node(level, depth, rec.EXTENTS_IN_INODE))
+
+
+def _logical_runs(segments: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """(first block, count) runs covering the data segments of a sparse file, merged."""
+    runs: list[tuple[int, int]] = []
+    for off, n in segments:
+        first, last = off // BLOCK, (off + n - 1) // BLOCK
+        if runs and first <= runs[-1][0] + runs[-1][1]:
+            start, count = runs[-1]
+            runs[-1] = (start, max(count, last - start + 1))
+        else:
+            runs.append((first, last - first + 1))
+    return runs
+
+
+# -- tables ------------------------------------------------------------------------------------
+
+def _set_bits(bitmap: bytearray, first: int, count: int) -> None:
+    """Set ``count`` bits from bit ``first`` (ext4 bitmaps are little-endian bit order)."""
+    end = first + count
+    while first < end and first & 7:
+        bitmap[first >> 3] |= 1 << (first & 7)
+        first += 1
+    full = (end - first) >> 3
+    if full > 0:
+        bitmap[first >> 3:(first >> 3) + full] = b"\xff" * full
+        first += full << 3
+    while first < end:
+        bitmap[first >> 3] |= 1 << (first & 7)
+        first += 1
+
+
+def _block_bitmaps(geo: Geometry, used: list[tuple[int, int]]) -> list[bytearray]:
+    maps = [bytearray(BLOCK) for _ in range(geo.groups)]
+    for start, n in used:
+        while n > 0:
+            g, off = divmod(start, BLOCKS_PER_GROUP)
+            take = min(n, BLOCKS_PER_GROUP - off)
+            _set_bits(maps[g], off, take)
+            start += take
+            n -= take
+    last = geo.group_blocks(geo.groups - 1)
+    if last < BLOCKS_PER_GROUP:     # bits past the end of the filesystem read as in use
+        _set_bits(maps[-1], last, BLOCKS_PER_GROUP - last)
+    return maps
+
+
+def _i_blocks(node: _Inode) -> int:
+    """512-byte sectors the inode owns: data, extent tree, xattr block."""
+    blocks = sum(n for _, _, n in node.extents) + len(node.tree_blocks)
+    return (blocks + (1 if node.xattr_block else 0)) * (BLOCK // 512)
+
+
+def _tables(layout: _Layout) -> list[tuple[int, bytes | bytearray]]:
+    """Inode tables (used part), bitmaps, group descriptors and superblocks, with checksums."""
+    geo, spec, seed = layout.geo, layout.spec, layout.csum_seed
+    ipg = geo.inodes_per_group
+    last_ino = layout.next_ino - 1
+    used = [max(0, min(ipg, last_ino - g * ipg)) for g in range(geo.groups)]
+    tables = [bytearray(n * INODE_SIZE) for n in used]
+    dirs = [0] * geo.groups
+    crtime = spec.fixed_time
+    for node in layout.inodes.values():
+        g, idx = divmod(node.ino - 1, ipg)
+        buf = tables[g]
+        off = idx * INODE_SIZE
+        rec.pack_inode(buf, off, mode=node.mode, uid=node.uid, gid=node.gid, size=node.size,
+                       links=node.links, blocks=_i_blocks(node), flags=node.flags,
+                       i_block=node.i_block, file_acl=node.xattr_block, mtime=node.mtime,
+                       mtime_ns=node.mtime_ns, atime=node.atime, ctime=node.ctime,
+                       crtime=crtime)
+        if node.inline:
+            rec.pack_inline_xattrs(buf, off, node.inline)
+        rec.set_inode_csum(buf, off, ck.inode_csum(ck.inode_seed(seed, node.ino),
+                                                   memoryview(buf)[off:off + INODE_SIZE]))
+        if node.mode & 0o170000 == rec.S_IFDIR:
+            dirs[g] += 1
+    out: list[tuple[int, bytes | bytearray]] = [
+        (geo.inode_tables[g], tables[g]) for g in range(geo.groups) if used[g]]
+
+    bmaps = _block_bitmaps(geo, layout.alloc.used_runs())
+    descs = bytearray()
+    free_blocks_total = free_inodes_total = 0
+    for g in range(geo.groups):
+        bmap = bmaps[g]
+        free_blocks = geo.group_blocks(g) - int.from_bytes(bmap, "little").bit_count() + (
+            BLOCKS_PER_GROUP - geo.group_blocks(g))
+        imap = bytearray(BLOCK)
+        _set_bits(imap, 0, used[g])
+        _set_bits(imap, ipg, BLOCK * 8 - ipg)
+        free_inodes = ipg - used[g]
+        free_blocks_total += free_blocks
+        free_inodes_total += free_inodes
+        desc = rec.group_desc(rec.GroupDesc(
+            block_bitmap=geo.block_bitmaps[g], inode_bitmap=geo.inode_bitmaps[g],
+            inode_table=geo.inode_tables[g], free_blocks=free_blocks, free_inodes=free_inodes,
+            used_dirs=dirs[g], itable_unused=ipg - used[g],
+            block_bitmap_csum=ck.bitmap_csum(seed, bmap),
+            inode_bitmap_csum=ck.bitmap_csum(seed, memoryview(imap)[:ipg // 8])))
+        struct.pack_into("<H", desc, 0x1E, ck.group_desc_csum(seed, g, desc))
+        descs += desc
+        out.append((geo.block_bitmaps[g], bmap))
+        out.append((geo.inode_bitmaps[g], imap))
+    descs += bytes(geo.gdt_blocks * BLOCK - len(descs))
+
+    jnl: tuple[int, ...] = ()
+    journal = layout.inodes.get(JOURNAL_INO)
+    if journal is not None:
+        words = struct.unpack("<15I", journal.i_block.ljust(60, b"\0"))
+        jnl = (*words, journal.size >> 32, journal.size & 0xFFFFFFFF)
+    fields = rec.SuperblockFields(
+        inodes=geo.inodes, blocks=geo.blocks, free_blocks=free_blocks_total,
+        free_inodes=free_inodes_total, inodes_per_group=ipg,
+        log_groups_per_flex=geo.log_groups_per_flex, uuid=spec.uuid, hash_seed=spec.hash_seed,
+        label=spec.label, features=spec.features, fixed_time=spec.fixed_time,
+        csum_seed=seed, journal_blocks=jnl,
+        orphan_inode=ORPHAN_INO if "orphan_file" in spec.features else 0)
+    for g in geo.backups:
+        sb = rec.superblock(fields, group_nr=g)
+        struct.pack_into("<I", sb, 0x3FC, ck.superblock_csum(sb))
+        start = g * BLOCKS_PER_GROUP
+        # the primary sits 1024 bytes into block 0; the copies at the start of their block
+        out.append((start, bytes(1024) + sb + bytes(BLOCK - 2048) if g == 0
+                    else sb + bytes(BLOCK - 1024)))
+        out.append((start + 1, descs))
+    return out
+
+
+# -- the I/O shell -----------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class DirectReport:
+    blocks: int            # the filesystem's block count (a too-short last group is dropped)
+    inodes: int
+    data_bytes: int        # bytes read from the layers and written
+
+
+class _Sink:
+    """Buffers writes at increasing image offsets into one large ``pwrite`` each.
+
+    A gap of a whole block or more (a hole of a sparse file, a superblock backup the data
+    flows around) flushes first, so nothing but the data itself and the zero tails of its
+    blocks is ever written.
+    """
+
+    def __init__(self, fd: int, size: int = WRITE_BUFFER) -> None:
+        self.fd = fd
+        self.buf = bytearray(size)
+        self.view = memoryview(self.buf)
+        self.base = -1          # image offset of buf[0]
+        self.end = 0            # bytes of buf in use
+
+    def write(self, pos: int, data: memoryview | bytes) -> None:
+        while len(data):
+            if self.base >= 0 and (pos < self.base + self.end
+                                   or pos - (self.base + self.end) >= BLOCK
+                                   or pos >= self.base + len(self.buf)):
+                self.flush()
+            if self.base < 0:
+                self.base = pos - pos % BLOCK
+            rel = pos - self.base
+            n = min(len(data), len(self.buf) - rel)
+            self.view[rel:rel + n] = data[:n]
+            self.end = rel + n
+            pos += n
+            data = data[n:]
+
+    def flush(self) -> None:
+        if self.base >= 0 and self.end:
+            # pad to the block: the tail of a file's last block must read as zeros
+            end = -(-self.end // BLOCK) * BLOCK
+            _pwrite_all(self.fd, self.view[:end], self.base)
+            self.view[:end] = bytes(end)
+        self.base = -1
+        self.end = 0
+
+
+def _pwrite_all(fd: int, data: memoryview | bytes, offset: int) -> None:
+    view = memoryview(data)
+    while len(view):
+        n = os.pwrite(fd, view, offset)
+        view = view[n:]
+        offset += n
+
+
+def _write_blocks(fd: int, items: list[tuple[int, bytes | bytearray]]) -> None:
+    """Write (block, bytes) records, coalescing adjacent ones into single writes."""
+    items.sort(key=lambda item: item[0])
+    run_start = -1
+    run: list[bytes | bytearray] = []
+    run_blocks = 0
+    for block, data in items:
+        if run and (block != run_start + run_blocks or run_blocks >= WRITE_BUFFER // BLOCK):
+            _pwrite_all(fd, b"".join(run), run_start * BLOCK)
+            run = []
+        if not run:
+            run_start, run_blocks = block, 0
+        run.append(data)
+        run_blocks += -(-len(data) // BLOCK)
+        if len(data) % BLOCK:     # only the last record of a run may be short
+            _pwrite_all(fd, b"".join(run), run_start * BLOCK)
+            run = []
+    if run:
+        _pwrite_all(fd, b"".join(run), run_start * BLOCK)
+
+
+def _copy_file(stream: LayerStream, sink: _Sink, job: _Data) -> None:
+    """Stream one file's stored bytes to its blocks."""
+    extents = job.inode.extents
+    stream.skip_to(job.entry.entry.data_offset)
+    ei = 0
+    for off, n in job.segments:
+        for piece in stream.read(n):
+            while len(piece):
+                blk = off // BLOCK
+                while extents[ei][0] + extents[ei][2] <= blk:
+                    ei += 1
+                logical, phys, length = extents[ei]
+                room = (logical + length) * BLOCK - off
+                k = min(room, len(piece))
+                sink.write((phys - logical) * BLOCK + off, piece[:k])
+                off += k
+                piece = piece[k:]
+
+
+def write_image(plan: FlatPlan, image: Path, spec: DirectSpec, locate: BlobLocator, *,
+                progress: ProgressCallback = no_progress,
+                cancel: threading.Event | None = None,
+                on_layer_done: Callable[[int], None] | None = None) -> DirectReport:
+    """Write ``plan`` as an ext4 filesystem into the new file ``image`` (created sparse).
+
+    Reads each layer that holds data once, front to back. Raises PackagingError (the image
+    too small, a tree ext4 cannot hold), CorruptLayer naming the layer, Canceled; the caller
+    removes the file on failure.
+    """
+    layout = _Layout(plan, spec)
+    total = plan.data_bytes
+    done = last_report = 0
+    current = "."
+    try:
+        fd = os.open(image, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise PackagingError(f"cannot create {image}: {exc.strerror or exc}") from exc
+    try:
+        os.ftruncate(fd, layout.geo.blocks * BLOCK)
+        _write_blocks(fd, layout.meta)
+        layout.meta = []
+        sink = _Sink(fd)
+        layers_total = len(plan.layers)
+        for i, layer in enumerate(plan.layers):
+            if cancel is not None and cancel.is_set():
+                raise Canceled("export canceled")
+            jobs = layout.data.get(i)
+            if jobs:
+                stream = LayerStream(locate(layer), layer.compression, layer=layer.digest,
+                                     cancel=cancel)
+                try:
+                    for job in jobs:
+                        current = job.entry.path
+                        _copy_file(stream, sink, job)
+                        done += job.entry.entry.data_size
+                        if done - last_report >= 64 << 20:
+                            last_report = done
+                            progress(ProgressEvent(
+                                phase=Phase.APPLY, bytes_done=done, bytes_total=total,
+                                layers_done=i, layers_total=layers_total,
+                                message=f"layer {i + 1}/{layers_total}"))
+                finally:
+                    stream.close()
+                sink.flush()
+            if on_layer_done is not None:
+                on_layer_done(i)
+            progress(ProgressEvent(phase=Phase.APPLY, bytes_done=done, bytes_total=total,
+                                   layers_done=i + 1, layers_total=layers_total,
+                                   message=f"layer {i + 1}/{layers_total} applied"))
+        current = "."
+        _write_blocks(fd, _tables(layout))
+    except LayerError as exc:
+        if exc.path is None and current != ".":
+            # the reader knows the layer, not which file it was reading for
+            exc.path = current
+            exc.args = (f"{exc.args[0]} (reading the data of {current!r})",)
+        raise
+    except OSError as exc:
+        raise PackagingError(f"cannot write {image} (at {current!r}): "
+                             f"{exc.strerror or exc}") from exc
+    finally:
+        os.close(fd)
+    return DirectReport(blocks=layout.geo.blocks, inodes=layout.geo.inodes, data_bytes=done)
