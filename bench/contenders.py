@@ -1,8 +1,10 @@
 """The contenders: each turns one image reference into an output, as a list of phases.
 
-- ``ours-stream``, ``ours-mount``, ``ours-dir``: ``rootfs-export export`` to ext4 with an empty
-  cache (cold), one per ext4 method;
+- ``ours-direct``, ``ours-stream``, ``ours-mount``, ``ours-dir``: ``rootfs-export export`` to
+  ext4 with an empty cache (cold), one per ext4 method;
 - ``ours-warm``: the same with the blobs and indexes already cached (default method);
+  ``ours-warm-stream``: warm with the stream method, to compare (both use the warm cache the
+  run fills when ``ours-warm`` is selected);
 - ``ours-lowdisk``: cold, ``--low-disk`` (for the peak-disk target);
 - ``skopeo-umoci``: the dockerless pipeline users run today: ``skopeo copy`` to an OCI layout,
   ``umoci raw unpack``, then ``mkfs.ext4 -d`` on a file sized the way such scripts size it
@@ -192,6 +194,8 @@ def record_output(result: RunResult, work: Path) -> None:
 
 
 CONTENDERS: dict[str, Contender] = {c.name: c for c in [
+    Contender("ours-direct", "rootfs-export cold, direct", "ours", "ext4",
+              _ours("direct"), parse_ours),
     Contender("ours-stream", "rootfs-export cold, stream", "ours", "ext4",
               _ours("stream"), parse_ours),
     Contender("ours-mount", "rootfs-export cold, mount", "ours", "ext4",
@@ -199,6 +203,8 @@ CONTENDERS: dict[str, Contender] = {c.name: c for c in [
     Contender("ours-dir", "rootfs-export cold, dir", "ours", "ext4", _ours("dir"), parse_ours),
     Contender("ours-warm", "rootfs-export warm (default method)", "ours", "ext4",
               _ours(None, warm=True), parse_ours),
+    Contender("ours-warm-stream", "rootfs-export warm, stream", "ours", "ext4",
+              _ours("stream", warm=True), parse_ours),
     Contender("ours-lowdisk", "rootfs-export cold, --low-disk", "ours", "ext4",
               _ours(None, low_disk=True), parse_ours),
     Contender("skopeo-umoci", "skopeo copy + umoci raw unpack + mkfs.ext4 -d", "baseline", "ext4",

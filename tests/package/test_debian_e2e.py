@@ -138,7 +138,7 @@ def _check_image(method: str, exported: Any, debian_image: Any, tmp_path: Path) 
 
 
 @needs_loop
-@pytest.mark.parametrize("method", ["stream", "mount", "dir"])
+@pytest.mark.parametrize("method", ["direct", "stream", "mount", "dir"])
 def test_debian_image_to_ext4(method: str, exported: Any, debian_image: Any,
                               tmp_path: Path) -> None:
     _check_image(method, exported, debian_image, tmp_path)
@@ -161,6 +161,19 @@ def test_debian_stream_export_is_byte_reproducible(exported: Any, debian_image: 
     st = subprocess.run(["debugfs", "-R", "stat /usr/bin/python3.11", str(out)],
                         capture_output=True, text=True, check=True).stdout
     assert f"mtime: 0x{out_listing['mtime']:08x}" in st
+
+
+def test_debian_direct_export_is_byte_reproducible(exported: Any, debian_image: Any,
+                                                   tmp_path: Path) -> None:
+    from worker.settings import load_settings
+
+    _, first = exported("direct")
+    out = tmp_path / "again.ext4"
+    request = ExportRequest(image=debian_image.digest_reference, output=str(out),
+                            ext4=Ext4Options(method=Ext4Method.DIRECT))
+    again = export(request, load_settings(cache_dir=tmp_path / "cache"))
+    assert again.sha256 == first.sha256 and again.extra["ext4_method"] == "direct"
+    assert fsck(out).returncode == 0
 
 
 def test_debian_compat_shrunk_image(debian_image: Any, tmp_path: Path) -> None:

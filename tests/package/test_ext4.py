@@ -456,17 +456,31 @@ def test_auto_prefers_stream_and_avoids_it_when_it_cannot_reproduce(tmp_path: Pa
 
 
 @needs_loop
-def test_auto_uses_mount_for_a_huge_directory(tmp_path: Path) -> None:
+def test_auto_uses_direct_or_mount_for_a_huge_directory(tmp_path: Path) -> None:
     from worker.export import Ext4Method
     from worker.package.ext4 import STREAM_DIR_LIMIT, choose_method, largest_directory
+    from worker.package.features import PROFILES
 
     n = STREAM_DIR_LIMIT + 1
     plan, locate = make_plan(tmp_path, [[file(f"many/f{i}", b"") for i in range(n)]])
     assert largest_directory(plan) == ("many", n)
+    # without the direct writer (blobs not at hand, or features it does not write): mount
     assert choose_method(plan, Ext4Method.AUTO)[0] == Ext4Method.MOUNT
+    assert choose_method(plan, Ext4Method.AUTO, features=("has_journal", "extent"))[0] \
+        == Ext4Method.MOUNT
+    assert choose_method(plan, Ext4Method.AUTO, features=PROFILES["default"])[0] \
+        == Ext4Method.DIRECT
     result = build(plan, locate, tmp_path / "many.ext4", method="auto")
-    assert str(result.method) == "mount" and fsck(tmp_path / "many.ext4").returncode == 0
+    assert str(result.method) == "direct" and fsck(tmp_path / "many.ext4").returncode == 0
     assert result.inodes - result.free_inodes >= n
+    # the same directory by the kernel: the same names
+    mount = build(plan, locate, tmp_path / "mount.ext4", method="mount")
+    assert str(mount.method) == "mount"
+    with mounted_ro(tmp_path / "many.ext4", tmp_path / "m1") as mnt:
+        direct_names = sorted(os.listdir(mnt / "many"))
+    with mounted_ro(tmp_path / "mount.ext4", tmp_path / "m2") as mnt:
+        assert sorted(os.listdir(mnt / "many")) == direct_names
+    assert len(direct_names) == n
 
 
 @needs_loop
@@ -474,14 +488,14 @@ def test_lost_found_from_the_image_is_merged(tmp_path: Path) -> None:
     plan, locate = make_plan(tmp_path, [[directory("lost+found", mode=0o700, mtime=1_500_000_000),
                                          file("lost+found/#12", "recovered"), file("a", "a")]])
     listings: dict[str, dict[str, tuple]] = {}
-    for method in ("stream", "mount", "dir"):
+    for method in ("direct", "stream", "mount", "dir"):
         out = tmp_path / f"{method}.ext4"
         build(plan, locate, out, method=method)
         assert fsck(out).returncode == 0, method
         with mounted_ro(out, tmp_path / f"m-{method}") as mnt:
             listings[method] = tree_listing(mnt, skip=())
     assert listings["stream"]["lost+found/#12"][5] == hashlib.sha256(b"recovered").hexdigest()
-    assert listings["stream"] == listings["mount"] == listings["dir"]
+    assert listings["stream"] == listings["mount"] == listings["dir"] == listings["direct"]
 
 
 def test_lost_found_that_is_not_a_directory_is_refused(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""The stream method needs no privileges; the others say clearly what they cannot do."""
+"""The direct and stream methods need no privileges; the others say clearly what they cannot do."""
 
 from __future__ import annotations
 
@@ -55,8 +55,17 @@ def _check_image(image: Path) -> None:
     assert "mtime: 0x53724e00" in debugfs(image, "stat /etc")   # 1_400_000_000
 
 
-def test_stream_as_nobody_keeps_owners_modes_devices_and_caps(shared_tmp: Path) -> None:
+def test_direct_as_nobody_keeps_owners_modes_devices_and_caps(shared_tmp: Path) -> None:
+    # auto picks the direct writer, which needs no privilege at all
     report = run_unprivileged(shared_tmp, "auto")
+    assert report.get("error") is None, report
+    assert report["method"] == "direct" and report["warnings"] == []
+    _check_image(Path(report["output"]))
+    assert report["leftovers"] == []
+
+
+def test_stream_as_nobody_keeps_owners_modes_devices_and_caps(shared_tmp: Path) -> None:
+    report = run_unprivileged(shared_tmp, "stream")
     assert report.get("error") is None, report
     assert report["method"] == "stream" and report["warnings"] == []
     _check_image(Path(report["output"]))

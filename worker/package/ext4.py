@@ -1,7 +1,17 @@
 """Package a flattened plan as an ext4 disk image (the main job).
 
-Three methods produce equivalent trees (see :class:`~worker.export.Ext4Method`):
+Four methods produce equivalent trees (see :class:`~worker.export.Ext4Method`):
 
+``direct`` (what ``auto`` picks for the ``default`` and ``compat`` feature profiles)
+    our own writer (``ext4fs/``) lays the filesystem out itself from the plan: inodes,
+    directories, xattrs, journal and orphan file are decided before any layer is read, then
+    each layer is read once and its files' data goes out in stream order as large sequential
+    ``pwrite`` calls into a sparse image file. Rootless, reproducible byte for byte, no
+    e2fsprogs in the write path (e2fsck still checks the result). Every group's bitmaps and
+    inode tables are packed after the primary descriptors (one flex group), directories are
+    linear (as ``mke2fs -d`` makes them), xattrs go in the inode where they fit and into one
+    (shared) block otherwise. It leaves ``resize_inode`` out (the superblock and the build
+    report say so), and refuses with a ConfigError any other feature list it does not write.
 ``stream``
     the flattened tar is written by ``write_tar`` (in a thread) into the stdin of
     ``mke2fs -t ext4 -d - IMAGE``; rootless, one pass (e2fsprogs >= 1.47.1). What mke2fs gets
@@ -30,7 +40,10 @@ Three methods produce equivalent trees (see :class:`~worker.export.Ext4Method`):
 Reproducibility: the UUID and directory hash seed are uuid5 of the identity (manifest digest)
 and the options; every e2fsprogs tool runs with a fixed clock (``E2FSPROGS_FAKE_TIME``,
 ``E2FSCK_TIME``), our own mke2fs.conf and an explicit feature list, so the stream and dir
-methods give byte-identical images for the same identity and options (``--shrink`` included).
+methods give byte-identical images for the same identity and options (``--shrink`` included),
+and the direct method (its own layout, so other bytes) is reproducible the same way.
+atime and ctime are the entry's mtime (whole seconds) in the direct and dir methods, 0 in
+stream; crtime is the fixed clock in all three.
 
 Sizing (sizing.py): content blocks and inodes from the plan, plus the filesystem's own overhead
 measured by formatting an empty filesystem of the candidate size with the same options; then
@@ -384,7 +397,9 @@ def choose_method(plan: FlatPlan, requested: Ext4Method, *, strict: bool = False
                   direct_ok: bool = True) -> tuple[Ext4Method, list[str]]:
     """The method to use for ``plan`` and any warnings; errors if a forced one cannot run.
 
-    Auto: ``stream`` where ``mke2fs -d -`` works and can reproduce the plan (and no directory
+    Auto: ``direct`` for every feature set it writes (the ``default`` and ``compat``
+    profiles) when the layer blobs are at hand (``direct_ok``); otherwise
+    ``stream`` where ``mke2fs -d -`` works and can reproduce the plan (and no directory
     holds more than :data:`STREAM_DIR_LIMIT` entries where the mount method can run), else
     ``mount`` as root with loop devices, else ``dir``. As non-root the dir method restores ownership, modes,
     device nodes and xattrs with debugfs after ``mke2fs -d``; only paths debugfs cannot name
@@ -420,6 +435,8 @@ def choose_method(plan: FlatPlan, requested: Ext4Method, *, strict: bool = False
     # and every file with xattrs; where it cannot, only the mount method is exact.
     dir_blockers = dir_root_blockers(plan) if os.geteuid() == 0 else []
     if requested == Ext4Method.AUTO:
+        if direct_ok and features is not None and not unsupported_features(features):
+            return Ext4Method.DIRECT, warnings
         big_dir, big_count = largest_directory(plan)
         if stream_ok and not blockers and (big_count <= STREAM_DIR_LIMIT or not loop_ok):
             if big_count > STREAM_DIR_LIMIT:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import struct
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -96,13 +96,13 @@ class _Inode:
     ctime: int = 0
     links: int = 1
     flags: int = rec.EXTENTS_FL
-    extents: list[tuple[int, int, int]] = field(default_factory=list)
-    tree_blocks: list[int] = field(default_factory=list)
+    # empty tuples, not lists, by default: a 100k-entry image has 100k of these
+    extents: Sequence[tuple[int, int, int]] = ()
+    tree_blocks: Sequence[int] = ()
     i_block: bytes = b""
-    xattrs: list[rec.Xattr] = field(default_factory=list)
-    inline: list[rec.Xattr] = field(default_factory=list)
+    xattrs: Sequence[rec.Xattr] = ()
+    inline: Sequence[rec.Xattr] = ()
     xattr_block: int = 0
-    data_blocks: int = 0
 
 
 @dataclass(slots=True)
@@ -138,7 +138,7 @@ class _Layout:
         self.data: dict[int, list[_Data]] = {}
         self.next_ino = ORPHAN_INO + 1 if "orphan_file" in spec.features else ORPHAN_INO
         self.journal_i_block = b""
-        self._file_inodes: dict[str, _Inode] = {}
+        self._file_inodes: dict[int, list[tuple[PlannedEntry, _Inode]]] = {}
         self._build()
 
     # -- inodes ----------------------------------------------------------------------------
@@ -169,6 +169,8 @@ class _Layout:
     def _build(self) -> None:
         plan, spec = self.plan, self.spec
         csum = "metadata_csum" in spec.features
+        # only hardlink targets need finding by path (a dict of every path costs memory)
+        targets = {pe.link_to for pe in plan.entries if pe.link_to is not None}
         ino_of: dict[str, int] = {}
         kinds: dict[int, EntryKind] = {}
         has_lpf = any(pe.path == "lost+found" for pe in plan.entries)
@@ -200,8 +202,9 @@ class _Layout:
             ino = LOST_FOUND_INO if pe.path == "lost+found" else self._new_ino()
             node = self._from_entry(ino, pe)
             self.inodes[ino] = node
-            ino_of[pe.path] = ino
-            kinds[ino] = e.kind
+            if pe.path in targets:
+                ino_of[pe.path] = ino
+                kinds[ino] = e.kind
             parent.entries.append((ino, os.fsencode(name), _FTYPE[e.kind]))
             if e.kind == EntryKind.DIR:
                 d = _Dir(node, parent.inode.ino)
@@ -211,7 +214,8 @@ class _Layout:
                 parent.subdirs += 1
             elif e.kind == EntryKind.FILE:
                 node.size = e.size
-                self._file_inodes[pe.path] = node
+                if pe.has_data:
+                    self._file_inodes.setdefault(pe.layer, []).append((pe, node))
             elif e.kind == EntryKind.SYMLINK:
                 target = os.fsencode(e.linkname)
                 node.size = len(target)
@@ -293,10 +297,11 @@ class _Layout:
             self.meta.append((phys, target.ljust(BLOCK, b"\0")))
         self._xattrs()
         # File data, layer by layer in stream order.
-        for layer, todo in self.plan.data_layers().items():
+        for layer in sorted(self._file_inodes):
+            todo = self._file_inodes.pop(layer)
+            todo.sort(key=lambda item: item[0].entry.data_offset)
             jobs: list[_Data] = []
-            for pe in todo:
-                node = self._file_inodes[pe.path]
+            for pe, node in todo:
                 e = pe.entry
                 if e.sparse is None:
                     segments = [(0, e.data_size)]
@@ -306,7 +311,6 @@ class _Layout:
                     logical = _logical_runs(segments)
                 total = sum(n for _, n in logical)
                 node.extents = extents_for(logical, alloc.runs(total, f"file data ({pe.path})"))
-                node.data_blocks = total
                 jobs.append(_Data(pe, node, segments))
             self.data[layer] = jobs
         # Extent tree blocks last: only now is every inode's extent count known.
@@ -357,7 +361,8 @@ class _Layout:
         """Leaves of 340 extents, index blocks above them until four entries remain for
         the inode itself."""
         seed = ck.inode_seed(self.csum_seed, node.ino)
-        level: list[tuple[int, int, int]] = node.extents
+        level = list(node.extents)
+        tree: list[int] = []
         depth = 0
         while len(level) > rec.EXTENTS_IN_INODE:
             upper: list[tuple[int, int, int]] = []
@@ -369,10 +374,11 @@ class _Layout:
                 tail = 12 + 12 * rec.EXTENTS_PER_BLOCK
                 struct.pack_into("<I", block, tail, ck.raw(seed, memoryview(block)[:tail]))
                 self.meta.append((phys, block))
-                node.tree_blocks.append(phys)
+                tree.append(phys)
                 upper.append((chunk[0][0], phys, 0))
             level = upper
             depth += 1
+        node.tree_blocks = tree
         node.i_block = bytes(rec.extent_node(level, depth, rec.EXTENTS_IN_INODE))
 
 
