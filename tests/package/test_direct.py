@@ -76,6 +76,8 @@ def edge_layers() -> list[Layer]:
         file("a/one/data", "shared across dirs", mode=0o751, uid=33, gid=44),
         hardlink("b/two/alias", "a/one/data"),
         hardlink("alias-at-root", "a/one/data"),
+        # a link that sorts before its owner: the plan lists it first
+        symlink("z-owner", "a/one/data"), hardlink("a-link-first", "z-owner"),
         file("huge/dense", bytes(range(256)) * ((130 << 20) // 256), mtime=1_700_000_000.5),
         *many,
     ]
@@ -130,6 +132,7 @@ def test_direct_edge_cases_match_the_kernel(tmp_path: Path) -> None:
     assert got == want
     listing, links = got
     assert ["a/one/data", "alias-at-root", "b/two/alias"] in links
+    assert ["a-link-first", "z-owner"] in links
     assert listing["dev/big"][5] == "4095:1048575" and listing["dev/mid"][5] == "259:70000"
     assert listing["s4095"][5] == "d" * 4095 and listing["s60"][5] == "b" * 60
     assert listing["empty-too"][4] == 0 and listing["empty-too"][7] == 1_650_000_000_750_000_000

@@ -107,7 +107,7 @@ def test_newline_names_of_hardlinked_symlinks_never_reach_debugfs_as_root(
     assert "cannot be made with debugfs" in err and "--ext4-method mount" in err
     assert not out.exists()
     if LOOP_SKIP is None:
-        # auto as root takes the mount method, which is exact
+        # auto as root takes the direct method, which is exact
         rc, _, err = run_export(image.reference, out, "ext4", shared_tmp / "cache")
         assert rc == 0, err
         assert not sentinel.exists()

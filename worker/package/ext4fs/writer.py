@@ -173,6 +173,7 @@ class _Layout:
         targets = {pe.link_to for pe in plan.entries if pe.link_to is not None}
         ino_of: dict[str, int] = {}
         kinds: dict[int, EntryKind] = {}
+        links: list[tuple[_Dir, int, PlannedEntry]] = []
         has_lpf = any(pe.path == "lost+found" for pe in plan.entries)
         symlinks: list[tuple[_Inode, bytes]] = []
         for pe in plan.entries:
@@ -189,12 +190,9 @@ class _Layout:
             if parent is None:
                 raise PackagingError(f"{pe.path!r}: its parent is not a directory in the plan")
             if pe.link_to is not None:
-                ino = ino_of.get(pe.link_to, 0)
-                if not ino:
-                    raise PackagingError(f"hardlink {pe.path!r} to {pe.link_to!r}, which is "
-                                         "not in the plan before it")
-                self.inodes[ino].links += 1
-                parent.entries.append((ino, os.fsencode(name), _FTYPE[kinds[ino]]))
+                # the inode's owner may come later in tree order: fill the dirent in after
+                links.append((parent, len(parent.entries), pe))
+                parent.entries.append((0, os.fsencode(name), 0))
                 continue
             e = pe.entry
             if e.kind not in _IFMT:
@@ -228,6 +226,13 @@ class _Layout:
                 node.flags = 0
                 if e.kind in (EntryKind.CHAR, EntryKind.BLOCK):
                     node.i_block = rec.device_block(e.devmajor, e.devminor)
+        for parent, index, pe in links:
+            ino = ino_of.get(pe.link_to or "", 0)
+            if not ino:
+                raise PackagingError(f"hardlink {pe.path!r} to {pe.link_to!r}, which is not "
+                                     "in the plan")
+            self.inodes[ino].links += 1
+            parent.entries[index] = (ino, parent.entries[index][1], _FTYPE[kinds[ino]])
         for node in self.inodes.values():
             if node.links > rec.LINK_MAX and node.mode & 0o170000 != rec.S_IFDIR:
                 raise PackagingError(f"an inode with {node.links} hardlinks: ext4 allows at "
