@@ -6,6 +6,7 @@ Tools the suite needs are checked once; a missing one fails every test with the 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -43,6 +44,26 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     if _missing_tools:
         return [f"MISSING TOOLS (every test will fail): {', '.join(_missing_tools)}"]
     return []
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _indexers_agree_on_every_built_tar() -> Iterator[None]:
+    """Every tar a test builds is indexed by the direct parser and the tarfile reference too;
+    a difference fails the test that built it (tests/pull/test_index_differential.py)."""
+    from tests.support import imagebuilder
+    from tests.support.tarfile_index import assert_same_index
+
+    seen: set[bytes] = set()
+
+    def check(tar: bytes) -> None:
+        key = hashlib.sha256(tar).digest()
+        if key not in seen:
+            seen.add(key)
+            assert_same_index(tar, chunk_size=777 if len(tar) < 1 << 20 else 1 << 16)
+
+    imagebuilder.TAR_HOOKS.append(check)
+    yield
+    imagebuilder.TAR_HOOKS.remove(check)
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:

@@ -17,6 +17,7 @@ import platform as _platform
 import subprocess
 import tarfile
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -153,6 +154,17 @@ def _tarinfo(entry: TarEntry, fmt: str) -> tarfile.TarInfo:
     return info
 
 
+#: called with every tar built here (tests/conftest.py compares the two layer indexers on
+#: each one); empty outside the test session
+TAR_HOOKS: list[Callable[[bytes], None]] = []
+
+
+def _built(tar: bytes) -> bytes:
+    for hook in TAR_HOOKS:
+        hook(tar)
+    return tar
+
+
 def make_tar(entries: list[TarEntry], format: str = "pax") -> bytes:
     """A tar of ``entries`` in order, names exactly as given. format: pax, gnu or ustar."""
     if format not in _TAR_FORMATS:
@@ -168,7 +180,7 @@ def make_tar(entries: list[TarEntry], format: str = "pax") -> bytes:
                 if entry.data:
                     raise ValueError(f"{entry.path}: only files carry data")
                 tar.addfile(info)
-    return buf.getvalue()
+    return _built(buf.getvalue())
 
 
 def tar_end_offset(tar: bytes) -> int:
@@ -182,7 +194,7 @@ def tar_end_offset(tar: bytes) -> int:
 def concat_tars(*tars: bytes) -> bytes:
     """Join tars into one archive (members in order), e.g. a sparse member with make_tar()."""
     body = b"".join(t[: tar_end_offset(t)] for t in tars)
-    return body + b"\0" * 1024
+    return _built(body + b"\0" * 1024)
 
 
 def sparse_tar(path: str, size: int, chunks: list[tuple[int, bytes]], format: str = "posix",
@@ -212,7 +224,7 @@ def sparse_tar(path: str, size: int, chunks: list[tuple[int, bytes]], format: st
         if format == "posix":
             cmd += ["--sparse-version=1.0", "--pax-option=delete=atime,delete=ctime"]
         cmd.append(rel)
-        return subprocess.run(cmd, check=True, capture_output=True).stdout
+        return _built(subprocess.run(cmd, check=True, capture_output=True).stdout)
 
 
 def compress(data: bytes, compression: str) -> bytes:
@@ -234,6 +246,9 @@ class Layer:
     tar: bytes
     compression: str = "gzip"
     media_type: str | None = None
+
+    def __post_init__(self) -> None:
+        _built(self.tar)
 
     @classmethod
     def from_entries(cls, entries: list[TarEntry], compression: str = "gzip",
