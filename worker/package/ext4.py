@@ -258,10 +258,12 @@ def build_ext4(plan: FlatPlan, request: ExportRequest, settings: Settings, *,
         progress(ProgressEvent(Phase.PACKAGE, bytes_total=plan.data_bytes,
                                message=f"writing ext4 image ({method} method)"))
         t0 = time.monotonic()
+        written: tuple[str, int] | None = None     # the direct method's (sha256, file size)
         if method == Ext4Method.DIRECT:
             assert locate is not None    # choose_method only picks direct with a locator
-            _build_direct(plan, image, fs_bytes, inodes, features, label, fs_uuid, hash_seed,
-                          locate, progress, cancel, on_layer_done)
+            written = _build_direct(plan, image, fs_bytes, inodes, features, label, fs_uuid,
+                                    hash_seed, alignment, locate, progress, cancel,
+                                    on_layer_done)
         elif method == Ext4Method.STREAM:
             _build_stream(mkfs, image, fs_bytes, write_tar, cancel)
             _debugfs_fixups(image, plan, xattrs="non-cap", root=False)
@@ -294,7 +296,10 @@ def build_ext4(plan: FlatPlan, request: ExportRequest, settings: Settings, *,
             f.truncate(file_bytes)
             os.fsync(f.fileno())
         t0 = time.monotonic()
-        digest = _sha256_sparse(image)
+        if written is not None and not opts.shrink and written[1] == file_bytes:
+            digest = written[0]      # hashed while it was written; e2fsck -n changed nothing
+        else:
+            digest = _sha256_sparse(image)
         timings["sha256"] = time.monotonic() - t0
         os.chmod(image, 0o644)
         from worker.export import check_output_path
@@ -580,16 +585,18 @@ def _human(n: int) -> str:
 
 def _build_direct(plan: FlatPlan, image: Path, fs_bytes: int, inodes: int,
                   features: tuple[str, ...], label: str, fs_uuid: str, hash_seed: str,
-                  locate: BlobLocator, progress: ProgressCallback,
+                  alignment: int, locate: BlobLocator, progress: ProgressCallback,
                   cancel: threading.Event | None,
-                  on_layer_done: Callable[[int], None] | None) -> None:
-    """The plan written straight into the image file by our own ext4 writer (ext4fs/)."""
+                  on_layer_done: Callable[[int], None] | None) -> tuple[str, int]:
+    """The plan written straight into the image file by our own ext4 writer (ext4fs/);
+    returns the sha256 and size of the file it wrote (already aligned)."""
     spec = DirectSpec(blocks=fs_bytes // BLOCK_SIZE, inodes=inodes,
                       features=written_features(features), label=label.encode(),
                       uuid=uuid.UUID(fs_uuid).bytes, hash_seed=uuid.UUID(hash_seed).bytes,
                       fixed_time=FIXED_TIME)
-    write_image(plan, image, spec, locate, progress=progress, cancel=cancel,
-                on_layer_done=on_layer_done)
+    report = write_image(plan, image, spec, locate, alignment=alignment, progress=progress,
+                         cancel=cancel, on_layer_done=on_layer_done)
+    return report.sha256, report.file_size
 
 
 def _build_stream(mkfs: list[str], image: Path, fs_bytes: int, write_tar: TarWriter,

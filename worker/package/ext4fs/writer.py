@@ -11,7 +11,9 @@ tables, the journal, holes of sparse files) are zeros that cost no I/O.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import queue
 import struct
 import threading
 from collections.abc import Callable, Iterable, Sequence
@@ -520,24 +522,90 @@ class DirectReport:
     blocks: int            # the filesystem's block count (a too-short last group is dropped)
     inodes: int
     data_bytes: int        # bytes read from the layers and written
+    file_size: int         # bytes of the image file (the filesystem, aligned up)
+    sha256: str            # of the image file as written
 
 
-class _Sink:
-    """Buffers writes at increasing image offsets into one large ``pwrite`` each.
+class _Output:
+    """The image written front to back and hashed on the way, by a writer thread.
 
-    A gap of a whole block or more (a hole of a sparse file, a superblock backup the data
-    flows around) flushes first, so nothing but the data itself and the zero tails of its
-    blocks is ever written.
+    Every block's place is known before the first layer is read (the allocator hands out
+    blocks in the order they are written: metadata, then file data in stream order, then
+    extent-tree blocks), so the whole file goes out in increasing offsets: the metadata
+    records, file data gathered into buffers of several MiB, and between them gaps that stay
+    holes and are hashed as zeros. ``pwrite`` and ``sha256`` both release the GIL, so the
+    writer thread does both while the main thread inflates the next bytes; the sha256 of the
+    image (its aligned size included) costs no second read.
     """
 
-    def __init__(self, fd: int, size: int = WRITE_BUFFER) -> None:
+    def __init__(self, fd: int, meta: list[tuple[int, bytes | bytearray]], size: int) -> None:
         self.fd = fd
-        self.buf = bytearray(size)
-        self.view = memoryview(self.buf)
-        self.base = -1          # image offset of buf[0]
+        meta.sort(key=lambda item: item[0])
+        self.meta = meta
+        self.mi = 0
+        self.size = size
+        self.buf = bytearray(WRITE_BUFFER)
+        self.base = -1          # image offset of buf[0]; -1: no buffer in use
         self.end = 0            # bytes of buf in use
+        self.sent = 0           # image offset up to which everything is queued
+        self.hash = hashlib.sha256()
+        self.error: BaseException | None = None
+        # a few buffers in flight: memory stays bounded, the two threads stay busy
+        self.queue: queue.Queue[tuple[int, memoryview | bytes | None, int] | None] = \
+            queue.Queue(maxsize=4)
+        self.thread = threading.Thread(target=self._run, name="ext4-writer", daemon=True)
+        self.thread.start()
 
+    # -- the writer thread ---------------------------------------------------------------------
+    def _run(self) -> None:
+        zeros = bytes(1 << 20)
+        while True:
+            item = self.queue.get()
+            if item is None:
+                return
+            if self.error is not None:
+                continue            # keep draining so the producer never blocks
+            offset, data, gap = item
+            try:
+                if data is not None:
+                    _pwrite_all(self.fd, data, offset)
+                    self.hash.update(data)
+                else:
+                    while gap > 0:
+                        n = min(gap, len(zeros))
+                        self.hash.update(zeros if n == len(zeros) else zeros[:n])
+                        gap -= n
+            except BaseException as exc:   # noqa: BLE001 - handed to the main thread
+                self.error = exc
+
+    def _send(self, offset: int, data: memoryview | bytes | None, gap: int = 0) -> None:
+        if self.error is not None:
+            raise self.error
+        if offset > self.sent:
+            self.queue.put((self.sent, None, offset - self.sent))
+        self.queue.put((offset, data, gap))
+        self.sent = offset + (len(data) if data is not None else gap)
+
+    def _meta_before(self, limit: int) -> None:
+        """Queue the metadata records that start before image offset ``limit``."""
+        meta = self.meta
+        while self.mi < len(meta) and meta[self.mi][0] * BLOCK < limit:
+            first = meta[self.mi][0]
+            run = [meta[self.mi][1]]
+            nbytes = len(run[0])
+            self.mi += 1
+            # adjacent whole-block records go out as one write
+            while (self.mi < len(meta) and nbytes % BLOCK == 0 and nbytes < WRITE_BUFFER
+                   and meta[self.mi][0] == first + nbytes // BLOCK
+                   and meta[self.mi][0] * BLOCK < limit):
+                run.append(meta[self.mi][1])
+                nbytes += len(meta[self.mi][1])
+                self.mi += 1
+            self._send(first * BLOCK, b"".join(run) if len(run) > 1 else bytes(run[0]))
+
+    # -- the main thread ---------------------------------------------------------------------
     def write(self, pos: int, data: memoryview | bytes) -> None:
+        """File data at image offset ``pos`` (never below what was written before)."""
         while len(data):
             if self.base >= 0 and (pos < self.base + self.end
                                    or pos - (self.base + self.end) >= BLOCK
@@ -545,21 +613,41 @@ class _Sink:
                 self.flush()
             if self.base < 0:
                 self.base = pos - pos % BLOCK
+                self._meta_before(self.base)
             rel = pos - self.base
             n = min(len(data), len(self.buf) - rel)
-            self.view[rel:rel + n] = data[:n]
+            self.buf[rel:rel + n] = data[:n]
             self.end = rel + n
             pos += n
             data = data[n:]
 
     def flush(self) -> None:
+        """Hand the buffered data (up to its last block's end: tails read as zeros) over."""
         if self.base >= 0 and self.end:
-            # pad to the block: the tail of a file's last block must read as zeros
             end = -(-self.end // BLOCK) * BLOCK
-            _pwrite_all(self.fd, self.view[:end], self.base)
-            self.view[:end] = bytes(end)
+            self._send(self.base, memoryview(self.buf)[:end])
+            self.buf = bytearray(WRITE_BUFFER)
         self.base = -1
         self.end = 0
+
+    def finish(self) -> str:
+        """Write what is left, wait for the writer; the sha256 of the whole file."""
+        self.flush()
+        self._meta_before(self.size)
+        if self.sent < self.size:
+            self._send(self.size, b"")
+        self.queue.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.hash.hexdigest()
+
+    def abort(self) -> None:
+        """Stop the writer thread after a failure (what it has not written is lost anyway)."""
+        if self.thread.is_alive():
+            self.error = self.error or Canceled("stopped")
+            self.queue.put(None)
+            self.thread.join()
 
 
 def _pwrite_all(fd: int, data: memoryview | bytes, offset: int) -> None:
@@ -570,28 +658,7 @@ def _pwrite_all(fd: int, data: memoryview | bytes, offset: int) -> None:
         offset += n
 
 
-def _write_blocks(fd: int, items: list[tuple[int, bytes | bytearray]]) -> None:
-    """Write (block, bytes) records, coalescing adjacent ones into single writes."""
-    items.sort(key=lambda item: item[0])
-    run_start = -1
-    run: list[bytes | bytearray] = []
-    run_blocks = 0
-    for block, data in items:
-        if run and (block != run_start + run_blocks or run_blocks >= WRITE_BUFFER // BLOCK):
-            _pwrite_all(fd, b"".join(run), run_start * BLOCK)
-            run = []
-        if not run:
-            run_start, run_blocks = block, 0
-        run.append(data)
-        run_blocks += -(-len(data) // BLOCK)
-        if len(data) % BLOCK:     # only the last record of a run may be short
-            _pwrite_all(fd, b"".join(run), run_start * BLOCK)
-            run = []
-    if run:
-        _pwrite_all(fd, b"".join(run), run_start * BLOCK)
-
-
-def _copy_file(stream: LayerStream, sink: _Sink, job: _Data) -> None:
+def _copy_file(stream: LayerStream, sink: _Output, job: _Data) -> None:
     """Stream one file's stored bytes to its blocks."""
     extents = job.inode.extents
     stream.skip_to(job.entry.entry.data_offset)
@@ -611,10 +678,12 @@ def _copy_file(stream: LayerStream, sink: _Sink, job: _Data) -> None:
 
 
 def write_image(plan: FlatPlan, image: Path, spec: DirectSpec, locate: BlobLocator, *,
+                alignment: int = BLOCK,
                 progress: ProgressCallback = no_progress,
                 cancel: threading.Event | None = None,
                 on_layer_done: Callable[[int], None] | None = None) -> DirectReport:
-    """Write ``plan`` as an ext4 filesystem into the new file ``image`` (created sparse).
+    """Write ``plan`` as an ext4 filesystem into the new file ``image`` (created sparse, its
+    size the filesystem's rounded up to ``alignment``); the report carries its sha256.
 
     Reads each layer that holds data once, front to back. Raises PackagingError (the image
     too small, a tree ext4 cannot hold), CorruptLayer naming the layer, Canceled; the caller
@@ -624,27 +693,30 @@ def write_image(plan: FlatPlan, image: Path, spec: DirectSpec, locate: BlobLocat
     total = plan.data_bytes
     done = last_report = 0
     current = "."
+    size = -(-layout.geo.blocks * BLOCK // alignment) * alignment
     try:
         fd = os.open(image, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     except OSError as exc:
         raise PackagingError(f"cannot create {image}: {exc.strerror or exc}") from exc
+    out: _Output | None = None
     try:
-        os.ftruncate(fd, layout.geo.blocks * BLOCK)
-        _write_blocks(fd, layout.meta)
+        os.ftruncate(fd, size)
+        meta = layout.meta
         layout.meta = []
-        sink = _Sink(fd)
+        meta += _tables(layout)
+        out = _Output(fd, meta, size)
         layers_total = len(plan.layers)
         for i, layer in enumerate(plan.layers):
             if cancel is not None and cancel.is_set():
                 raise Canceled("export canceled")
-            jobs = layout.data.get(i)
+            jobs = layout.data.pop(i, None)
             if jobs:
                 stream = LayerStream(locate(layer), layer.compression, layer=layer.digest,
                                      cancel=cancel)
                 try:
                     for job in jobs:
                         current = job.entry.path
-                        _copy_file(stream, sink, job)
+                        _copy_file(stream, out, job)
                         done += job.entry.entry.data_size
                         if done - last_report >= 64 << 20:
                             last_report = done
@@ -654,14 +726,14 @@ def write_image(plan: FlatPlan, image: Path, spec: DirectSpec, locate: BlobLocat
                                 message=f"layer {i + 1}/{layers_total}"))
                 finally:
                     stream.close()
-                sink.flush()
             if on_layer_done is not None:
                 on_layer_done(i)
             progress(ProgressEvent(phase=Phase.APPLY, bytes_done=done, bytes_total=total,
                                    layers_done=i + 1, layers_total=layers_total,
                                    message=f"layer {i + 1}/{layers_total} applied"))
         current = "."
-        _write_blocks(fd, _tables(layout))
+        digest = out.finish()
+        out = None
     except LayerError as exc:
         if exc.path is None and current != ".":
             # the reader knows the layer, not which file it was reading for
@@ -672,5 +744,8 @@ def write_image(plan: FlatPlan, image: Path, spec: DirectSpec, locate: BlobLocat
         raise PackagingError(f"cannot write {image} (at {current!r}): "
                              f"{exc.strerror or exc}") from exc
     finally:
+        if out is not None:
+            out.abort()
         os.close(fd)
-    return DirectReport(blocks=layout.geo.blocks, inodes=layout.geo.inodes, data_bytes=done)
+    return DirectReport(blocks=layout.geo.blocks, inodes=layout.geo.inodes, data_bytes=done,
+                        file_size=size, sha256=digest)
