@@ -72,12 +72,20 @@ class Decompressor:
             raise CorruptLayer(f"unknown compression {compression!r}", layer=layer)
 
     def _feed_gzip(self, data: bytes) -> bytes:
-        out = []
-        while data:
+        parts = list(self._inflate(data, 0))
+        if len(parts) == 1:
+            return parts[0]
+        return b"".join(parts)
+
+    def _inflate(self, data: bytes, max_out: int) -> Iterator[bytes]:
+        """Inflate ``data`` in pieces of at most ``max_out`` bytes (0: no bound)."""
+        while True:
             try:
-                out.append(self._d.decompress(data))
+                out = self._d.decompress(data, max_out)
             except Exception as exc:  # zlib.error / isal error
                 raise CorruptLayer(f"gzip stream is corrupt: {exc}", layer=self.layer) from None
+            if out:
+                yield out
             if self._d.eof:
                 rest = self._d.unused_data
                 # Concatenated gzip members are valid gzip; zero padding after the end is
@@ -88,8 +96,12 @@ class Decompressor:
                     self._d = _zlib.decompressobj(31)
                     data = rest
                     continue
-            break
-        return b"".join(out)
+                return
+            data = self._d.unconsumed_tail
+            # A full piece may leave output pending inside the inflater even with no input
+            # left: ask again until a piece comes back short.
+            if not data and (not max_out or len(out) < max_out):
+                return
 
     def _feed_zstd(self, data: bytes) -> bytes:
         try:
@@ -100,6 +112,17 @@ class Decompressor:
     def feed(self, data: bytes) -> bytes:
         """Decompress one chunk."""
         return self._feed(data)
+
+    def feed_bounded(self, data: bytes, max_out: int = CHUNK) -> Iterator[bytes]:
+        """Decompress one chunk as pieces of at most ``max_out`` bytes, so a chunk of a
+        decompression bomb never becomes one huge buffer. gzip only; zstd and plain streams
+        give :meth:`feed`'s one piece (callers bound zstd input instead)."""
+        if self.compression == "gzip":
+            yield from self._inflate(data, max_out)
+        else:
+            out = self._feed(data)
+            if out:
+                yield out
 
     def finish(self) -> bytes:
         """Flush; raise CorruptLayer if the stream ended early (truncated layer)."""

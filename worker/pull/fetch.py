@@ -17,6 +17,7 @@ from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 
 from worker.cache.blobs import BlobCache
 from worker.cache.decompress import (
+    CHUNK,
     Decompressor,
     media_type_compression,
     read_file_chunks,
@@ -40,10 +41,10 @@ from worker.settings import Settings
 
 log = logging.getLogger(__name__)
 
-# Compressed bytes handed to the decompressor at once. Deflate expands at most ~1032:1 and a
-# zstd RLE block ~32768:1, so these bound one step's output to ~32-64 MiB even for a bomb,
-# and the size limit is checked after every step.
-_FEED_STEP = {"gzip": 64 << 10, "zstd": 1 << 10}
+# Compressed zstd bytes handed to the decompressor at once: a zstd RLE block expands ~32768:1,
+# so this bounds one step's output to ~32 MiB even for a bomb, and the size limit is checked
+# after every step. gzip needs no such step: the inflater itself stops at CHUNK bytes out.
+_ZSTD_FEED_STEP = 1 << 10
 #: minimum seconds between byte-count progress events (state changes always go out)
 PROGRESS_INTERVAL = 0.1
 
@@ -66,18 +67,28 @@ def decompress_stream(chunks: Iterable[bytes], *, layer: str | None = None,
         yield from it
         return
     d = Decompressor(compression, layer=layer)
-    step = _FEED_STEP.get(compression, 1 << 20)
 
     def pieces() -> Iterator[bytes]:
         if head:
             yield head
         yield from it
 
-    for chunk in pieces():
-        for i in range(0, len(chunk), step):
-            out = d.feed(chunk[i:i + step] if len(chunk) > step else chunk)
-            if out:
-                yield out
+    if compression == "gzip":
+        for chunk in pieces():
+            yield from d.feed_bounded(chunk, CHUNK)
+    else:
+        step = _ZSTD_FEED_STEP
+        for chunk in pieces():
+            if len(chunk) <= step:
+                out = d.feed(chunk)
+                if out:
+                    yield out
+                continue
+            view = memoryview(chunk)
+            for i in range(0, len(chunk), step):
+                out = d.feed(view[i:i + step])  # type: ignore[arg-type]
+                if out:
+                    yield out
     tail = d.finish()
     if tail:
         yield tail
