@@ -123,7 +123,8 @@ class _Data:
 
     entry: PlannedEntry
     inode: _Inode
-    segments: list[tuple[int, int]]      # (file offset, length) in stream order
+    segments: list[tuple[int, int]] | None   # (file offset, length) in stream order; None:
+                                             # one run from offset 0 (not sparse)
 
 
 class _Layout:
@@ -139,7 +140,6 @@ class _Layout:
         self.meta: list[tuple[int, bytes | bytearray]] = []    # (block, bytes) to write
         self.data: dict[int, list[_Data]] = {}
         self.next_ino = ORPHAN_INO + 1 if "orphan_file" in spec.features else ORPHAN_INO
-        self.journal_i_block = b""
         self._file_inodes: dict[int, list[tuple[PlannedEntry, _Inode]]] = {}
         self._build()
 
@@ -311,7 +311,7 @@ class _Layout:
             for pe, node in todo:
                 e = pe.entry
                 if e.sparse is None:
-                    segments = [(0, e.data_size)]
+                    segments = None
                     logical = [(0, -(-e.data_size // BLOCK))]
                 else:
                     segments = [(o, n) for o, n in sparse_map(e) if n > 0]
@@ -324,10 +324,7 @@ class _Layout:
         for node in self.inodes.values():
             if len(node.extents) > rec.EXTENTS_IN_INODE:
                 self._extent_tree(node)
-            elif node.flags & rec.EXTENTS_FL:
-                node.i_block = bytes(rec.extent_node(node.extents, 0, rec.EXTENTS_IN_INODE))
-        if journal is not None:
-            self.journal_i_block = journal.i_block
+        # (an inode with its extents in i_block gets that packed with the inode itself)
 
     def _xattrs(self) -> None:
         """Inline where everything fits the inode, else the rest in one (shared) block."""
@@ -434,6 +431,14 @@ def _block_bitmaps(geo: Geometry, used: list[tuple[int, int]]) -> list[bytearray
     return maps
 
 
+def _i_block(node: _Inode) -> bytes:
+    """The inode's i_block: set by the layout (symlink target, device, extent tree root), or
+    its extents when they fit (packed only now: 100k files need not keep 60 bytes each)."""
+    if node.i_block or not node.flags & rec.EXTENTS_FL:
+        return node.i_block
+    return bytes(rec.extent_node(node.extents, 0, rec.EXTENTS_IN_INODE))
+
+
 def _i_blocks(node: _Inode) -> int:
     """512-byte sectors the inode owns: data, extent tree, xattr block."""
     blocks = sum(n for _, _, n in node.extents) + len(node.tree_blocks)
@@ -455,7 +460,7 @@ def _tables(layout: _Layout) -> list[tuple[int, bytes | bytearray]]:
         off = idx * INODE_SIZE
         rec.pack_inode(buf, off, mode=node.mode, uid=node.uid, gid=node.gid, size=node.size,
                        links=node.links, blocks=_i_blocks(node), flags=node.flags,
-                       i_block=node.i_block, file_acl=node.xattr_block, mtime=node.mtime,
+                       i_block=_i_block(node), file_acl=node.xattr_block, mtime=node.mtime,
                        mtime_ns=node.mtime_ns, atime=node.atime, ctime=node.ctime,
                        crtime=crtime)
         if node.inline:
@@ -495,7 +500,7 @@ def _tables(layout: _Layout) -> list[tuple[int, bytes | bytearray]]:
     jnl: tuple[int, ...] = ()
     journal = layout.inodes.get(JOURNAL_INO)
     if journal is not None:
-        words = struct.unpack("<15I", journal.i_block.ljust(60, b"\0"))
+        words = struct.unpack("<15I", _i_block(journal).ljust(60, b"\0"))
         jnl = (*words, journal.size >> 32, journal.size & 0xFFFFFFFF)
     fields = rec.SuperblockFields(
         inodes=geo.inodes, blocks=geo.blocks, free_blocks=free_blocks_total,
@@ -526,6 +531,9 @@ class DirectReport:
     sha256: str            # of the image file as written
 
 
+_Bytes = bytes | bytearray | memoryview
+
+
 class _Output:
     """The image written front to back and hashed on the way, by a writer thread.
 
@@ -540,9 +548,9 @@ class _Output:
 
     def __init__(self, fd: int, meta: list[tuple[int, bytes | bytearray]], size: int) -> None:
         self.fd = fd
-        meta.sort(key=lambda item: item[0])
+        # sorted last-first: pop() hands each record over and drops our reference to it
+        meta.sort(key=lambda item: item[0], reverse=True)
         self.meta = meta
-        self.mi = 0
         self.size = size
         self.buf = bytearray(WRITE_BUFFER)
         self.base = -1          # image offset of buf[0]; -1: no buffer in use
@@ -551,8 +559,7 @@ class _Output:
         self.hash = hashlib.sha256()
         self.error: BaseException | None = None
         # a few buffers in flight: memory stays bounded, the two threads stay busy
-        self.queue: queue.Queue[tuple[int, memoryview | bytes | None, int] | None] = \
-            queue.Queue(maxsize=4)
+        self.queue: queue.Queue[tuple[int, _Bytes | None, int] | None] = queue.Queue(maxsize=2)
         self.thread = threading.Thread(target=self._run, name="ext4-writer", daemon=True)
         self.thread.start()
 
@@ -578,7 +585,7 @@ class _Output:
             except BaseException as exc:   # noqa: BLE001 - handed to the main thread
                 self.error = exc
 
-    def _send(self, offset: int, data: memoryview | bytes | None, gap: int = 0) -> None:
+    def _send(self, offset: int, data: _Bytes | None, gap: int = 0) -> None:
         if self.error is not None:
             raise self.error
         if offset > self.sent:
@@ -589,19 +596,17 @@ class _Output:
     def _meta_before(self, limit: int) -> None:
         """Queue the metadata records that start before image offset ``limit``."""
         meta = self.meta
-        while self.mi < len(meta) and meta[self.mi][0] * BLOCK < limit:
-            first = meta[self.mi][0]
-            run = [meta[self.mi][1]]
-            nbytes = len(run[0])
-            self.mi += 1
+        while meta and meta[-1][0] * BLOCK < limit:
+            first, data = meta.pop()
+            run = [data]
+            nbytes = len(data)
             # adjacent whole-block records go out as one write
-            while (self.mi < len(meta) and nbytes % BLOCK == 0 and nbytes < WRITE_BUFFER
-                   and meta[self.mi][0] == first + nbytes // BLOCK
-                   and meta[self.mi][0] * BLOCK < limit):
-                run.append(meta[self.mi][1])
-                nbytes += len(meta[self.mi][1])
-                self.mi += 1
-            self._send(first * BLOCK, b"".join(run) if len(run) > 1 else bytes(run[0]))
+            while (meta and nbytes % BLOCK == 0 and nbytes < WRITE_BUFFER
+                   and meta[-1][0] == first + nbytes // BLOCK and meta[-1][0] * BLOCK < limit):
+                data = meta.pop()[1]
+                run.append(data)
+                nbytes += len(data)
+            self._send(first * BLOCK, b"".join(run) if len(run) > 1 else run[0])
 
     # -- the main thread ---------------------------------------------------------------------
     def write(self, pos: int, data: memoryview | bytes) -> None:
@@ -650,7 +655,7 @@ class _Output:
             self.thread.join()
 
 
-def _pwrite_all(fd: int, data: memoryview | bytes, offset: int) -> None:
+def _pwrite_all(fd: int, data: _Bytes, offset: int) -> None:
     view = memoryview(data)
     while len(view):
         n = os.pwrite(fd, view, offset)
@@ -663,7 +668,8 @@ def _copy_file(stream: LayerStream, sink: _Output, job: _Data) -> None:
     extents = job.inode.extents
     stream.skip_to(job.entry.entry.data_offset)
     ei = 0
-    for off, n in job.segments:
+    segments = job.segments or ((0, job.entry.entry.data_size),)
+    for off, n in segments:
         for piece in stream.read(n):
             while len(piece):
                 blk = off // BLOCK
@@ -704,7 +710,11 @@ def write_image(plan: FlatPlan, image: Path, spec: DirectSpec, locate: BlobLocat
         meta = layout.meta
         layout.meta = []
         meta += _tables(layout)
+        # from here on only the files with data need their inode records
+        layout.inodes.clear()
+        layout.dirs.clear()
         out = _Output(fd, meta, size)
+        del meta
         layers_total = len(plan.layers)
         for i, layer in enumerate(plan.layers):
             if cancel is not None and cancel.is_set():
