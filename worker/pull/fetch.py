@@ -1,19 +1,22 @@
 """Layer fetching: one pass over the network into a verified, indexed cache entry.
 
-For each layer, the bytes stream once: sha256 + temp file + decompressor (compression sniffed
-from magic bytes) + tar indexer (diff_id, limits). Only when the blob digest and the diff_id
-both check out is the temp file renamed into the cache and its index stored beside it.
-Everything runs in the calling thread, pull-style (tarfile pulls, which pulls the decompressor,
-which pulls the network); :func:`fetch_layers` runs several layers on a bounded thread pool.
+For each layer, the bytes stream once: sha256 + temp file in the downloading thread, and right
+behind it, reading the temp file as it grows, decompressor (compression sniffed from magic
+bytes) + tar indexer (diff_id, limits) in a second thread, so the network never waits for
+inflation and both cores work. Only when the blob digest and the diff_id both check out is
+the temp file renamed into the cache and its index stored beside it. :func:`fetch_layers`
+runs several layers on a bounded thread pool.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
 
 from worker.cache.blobs import BlobCache
 from worker.cache.decompress import (
@@ -23,7 +26,13 @@ from worker.cache.decompress import (
     read_file_chunks,
     sniff_compression,
 )
-from worker.cache.index import IndexEntry, IndexLimits, LayerIndex, index_tar_stream
+from worker.cache.index import (
+    IndexEntry,
+    IndexLimits,
+    LayerIndex,
+    TarIndex,
+    index_tar_stream,
+)
 from worker.errors import Canceled, CorruptLayer, DigestMismatch, LayerError, RootfsExportError
 from worker.progress import (
     LayerProgress,
@@ -100,14 +109,102 @@ def _check_diff_id(image: str, desc: Descriptor, expected: str, actual: str) -> 
                              expected, actual)
 
 
+@dataclass(frozen=True, slots=True)
+class LayerTiming:
+    """How long one downloaded layer took, both times counted from the start of its download.
+
+    ``download_seconds``: network, blob digest and temp-file write done (the bytes are all on
+    disk); ``index_seconds``: decompression, diff_id and entry index done too (the layer is
+    pulled). Inflate and index run beside the download, so the second is often only a little
+    longer than the first.
+    """
+
+    digest: str
+    compressed_bytes: int
+    uncompressed_bytes: int
+    download_seconds: float
+    index_seconds: float
+
+
+class _DownloadStopped(Exception):
+    """The download failed or was canceled: the indexer reading behind it stops."""
+
+
+class _Tail:
+    """A temp file one thread writes while another reads it back, right behind the writer.
+
+    The writer never waits for the reader: bytes land on disk (the page cache) and the
+    reader wakes up for them, so memory stays bounded whichever side is faster.
+    """
+
+    def __init__(self, fd: int, *, layer: str, where: str) -> None:
+        self._fd = fd
+        self._layer = layer
+        self._where = where
+        self._cond = threading.Condition()
+        self._written = 0
+        self._done = False
+        self._aborted = False
+
+    def write(self, chunk: bytes) -> None:
+        view = memoryview(chunk)
+        try:
+            while view:
+                view = view[os.write(self._fd, view):]
+        except OSError as exc:
+            raise LayerError(f"cannot write to the cache in {self._where}: "
+                             f"{exc.strerror or exc}", layer=self._layer) from None
+        with self._cond:
+            self._written += len(chunk)
+            self._cond.notify()
+
+    def finish(self) -> None:
+        with self._cond:
+            self._done = True
+            self._cond.notify()
+
+    def abort(self) -> None:
+        with self._cond:
+            self._aborted = True
+            self._cond.notify()
+
+    def chunks(self, size: int = CHUNK) -> Iterator[bytes]:
+        """The file's bytes as they are written, until :meth:`finish`; raises
+        :class:`_DownloadStopped` after :meth:`abort`."""
+        pos = 0
+        while True:
+            with self._cond:
+                while self._written == pos and not self._done and not self._aborted:
+                    self._cond.wait()
+                if self._aborted:
+                    raise _DownloadStopped()
+                available = self._written - pos
+                if not available:
+                    return
+            try:
+                data = os.pread(self._fd, min(available, size), pos)
+            except OSError as exc:
+                raise LayerError(f"cannot read back the download in {self._where}: "
+                                 f"{exc.strerror or exc}", layer=self._layer) from None
+            if not data:
+                raise LayerError(f"the download in {self._where} shrank while being read",
+                                 layer=self._layer)
+            pos += len(data)
+            yield data
+
+
 def fetch_layer_to_cache(client: RegistryClient, ref: Reference, desc: Descriptor,
                          diff_id: str, cache: BlobCache, settings: Settings, *,
                          cancel: threading.Event | None = None,
                          on_bytes: Callable[[int], None] | None = None,
-                         on_start: Callable[[], None] | None = None) -> tuple[LayerIndex, bool]:
+                         on_start: Callable[[], None] | None = None,
+                         timings: list[LayerTiming] | None = None) -> tuple[LayerIndex, bool]:
     """Make one layer present, verified and indexed in ``cache``. Idempotent.
 
-    ``on_start`` is called when a download really begins (not for a cached layer).
+    The download (network, blob digest, temp file) runs in the calling thread; a second
+    thread decompresses, hashes the diff_id and indexes the temp file right behind it.
+    ``on_start`` is called when a download really begins (not for a cached layer); a
+    downloaded layer's :class:`LayerTiming` is appended to ``timings``.
     Returns ``(index, was_cached)``. On any error nothing new is left in the cache: no blob,
     no index, no temp file.
     """
@@ -137,31 +234,56 @@ def fetch_layer_to_cache(client: RegistryClient, ref: Reference, desc: Descripto
             return index, False
         if on_start is not None:
             on_start()
+        started = time.monotonic()
         with cache.temp_file(desc.digest) as (f, tmp):
             sniffed = []
+            tail = _Tail(f.fileno(), layer=desc.digest, where=str(cache.root))
+            indexed: list[TarIndex] = []
+            failed: list[BaseException] = []
+            index_done = [0.0]
 
-            def network() -> Iterator[bytes]:
+            def index_job() -> None:
+                try:
+                    indexed.append(index_tar_stream(
+                        decompress_stream(tail.chunks(), layer=desc.digest,
+                                          on_sniff=sniffed.append),
+                        layer=desc.digest, limits=limits))
+                except _DownloadStopped:
+                    pass
+                except BaseException as exc:  # handed to the download thread
+                    failed.append(exc)
+                finally:
+                    index_done[0] = time.monotonic()
+
+            indexer = threading.Thread(target=index_job, daemon=True,
+                                       name=f"rootfs-export-index-{desc.digest[7:19]}")
+            indexer.start()
+            try:
                 for chunk in client.stream_blob(ref, desc, cancel=cancel):
-                    try:
-                        f.write(chunk)
-                    except OSError as exc:
-                        raise LayerError(f"cannot write to the cache in {cache.root}: "
-                                         f"{exc.strerror or exc}", layer=desc.digest) from None
+                    tail.write(chunk)
                     if on_bytes is not None:
                         on_bytes(len(chunk))
-                    yield chunk
-
-            net = network()
-            try:
-                tar = index_tar_stream(decompress_stream(net, layer=desc.digest,
-                                                         on_sniff=sniffed.append),
-                                       layer=desc.digest, limits=limits)
-            except CorruptLayer:
-                # Garbled bytes usually mean a lying registry: finish the (size-bounded)
-                # download so the digest check can say so; else the layer itself is corrupt.
-                for _ in net:
-                    pass
+                    # An unsafe entry or a limit ends the download at once (a bomb must not
+                    # be fetched in full); a corrupt stream usually means a lying registry,
+                    # so the (size-bounded) download goes on for the digest check to say so.
+                    if failed and not isinstance(failed[0], CorruptLayer):
+                        raise failed[0]
+                downloaded = time.monotonic()
+                tail.finish()
+                while indexer.is_alive():
+                    indexer.join(0.1)
+                    if cancel is not None and cancel.is_set():
+                        raise Canceled(f"{image}: layer {desc.digest}: canceled")
+            except BaseException:
+                tail.abort()
+                indexer.join()
                 raise
+            if failed:
+                raise failed[0]
+            tar = indexed[0]
+            if timings is not None:
+                timings.append(LayerTiming(desc.digest, desc.size, tar.uncompressed_size,
+                                           downloaded - started, index_done[0] - started))
             _check_diff_id(image, desc, diff_id, tar.diff_id)
             f.flush()
             compression = sniffed[0] if sniffed else "none"
@@ -244,12 +366,14 @@ def fetch_layers(resolved: ResolvedImage, settings: Settings, *,
                  client: RegistryClient | None = None, cache: BlobCache | None = None,
                  progress: ProgressCallback = no_progress,
                  cancel: threading.Event | None = None,
-                 layers: Iterable[int] | None = None) -> list[LayerIndex]:
+                 layers: Iterable[int] | None = None,
+                 timings: list[LayerTiming] | None = None) -> list[LayerIndex]:
     """Fetch all (or the given) layers of ``resolved`` into the cache, concurrently.
 
     At most ``settings.download_concurrency`` downloads run at once. The first failure stops
     the others promptly (they check a shared event between chunks) and is raised; it names the
-    layer. Returns the indexes in layer order.
+    layer. Returns the indexes in layer order; each layer downloaded (not found in the cache)
+    adds its :class:`LayerTiming` to ``timings``.
     """
     ref = parse_reference(resolved.reference)
     cache = cache or BlobCache(settings.cache_dir)
@@ -276,7 +400,8 @@ def fetch_layers(resolved: ResolvedImage, settings: Settings, *,
             index, _ = fetch_layer_to_cache(
                 client, ref, desc, diff_ids[i] if i < len(diff_ids) else "", cache, settings,
                 cancel=stop, on_bytes=lambda n: tracker.update(i, add_bytes=n),
-                on_start=lambda: tracker.update(i, state=LayerState.DOWNLOADING))
+                on_start=lambda: tracker.update(i, state=LayerState.DOWNLOADING),
+                timings=timings)
         except BaseException:
             tracker.update(i, state=LayerState.FAILED)
             stop.set()

@@ -350,7 +350,6 @@ class RegistryClient:
                                 continue
                             piece = piece[skip:]
                             skip = 0
-                        sha.update(piece)
                         done += len(piece)
                         pending += piece
                         now = time.monotonic()
@@ -362,6 +361,9 @@ class RegistryClient:
                             chunk = bytes(pending)
                             pending.clear()
                             last_yield = now
+                            # Hashed per gathered chunk, not per socket read: each hash call
+                            # drops and retakes the GIL, which the indexing thread may hold.
+                            sha.update(chunk)
                             yield chunk
                     # A server sending more than the descriptor's size is lying about the blob.
                     extra = resp.raw.read(1, decode_content=False)
@@ -380,8 +382,10 @@ class RegistryClient:
                     stalls += 1
             # Bytes received before the drop are good: hand them on, then resume after them.
             if pending:
-                yield bytes(pending)
+                chunk = bytes(pending)
                 pending.clear()
+                sha.update(chunk)
+                yield chunk
             drops += 1
             if isinstance(error, _TransferTooSlow) and stalls > min(settings.timeout_retries,
                                                                    settings.retries):
