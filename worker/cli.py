@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("image")
     _add_registry_options(p)
     p.add_argument("--concurrency", type=int, help="parallel layer downloads")
+    p.add_argument("--json", action="store_true",
+                   help="print the result as one JSON object, with per-layer timings")
     p.set_defaults(handler="worker.commands.pull:cmd_pull")
 
     p = sub.add_parser("export", help="export an image as an ext4 disk image, a tar or a directory")

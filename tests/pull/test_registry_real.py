@@ -112,6 +112,32 @@ def test_pull_cli_fills_cache_with_indexes(registry: Any, tmp_path: Path,
     assert cache.entries() == []
 
 
+def test_pull_json_reports_per_layer_bytes_and_timings(registry: Any, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    img = push_image(registry, "pull/json", "v1", layers_three())
+    args = ["pull", img.reference, "--cache-dir", str(tmp_path / "c"), "--json"]
+    code, out, err = run_cli(args, capsys)
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["manifest_digest"] == img.manifest_digest
+    layers = doc["layers"]
+    assert [x["digest"] for x in layers] == img.layer_digests
+    assert [x["diff_id"] for x in layers] == img.diff_ids
+    assert [x["compressed_bytes"] for x in layers] == [layer.size for layer in img.layers]
+    assert [x["uncompressed_bytes"] for x in layers] == [len(layer.tar) for layer in img.layers]
+    assert doc["uncompressed_bytes"] == sum(len(layer.tar) for layer in img.layers)
+    for x in layers:
+        assert x["cached"] is False
+        # the index is done only once its bytes are all downloaded
+        assert 0 <= x["download_seconds"] <= x["index_seconds"] <= doc["seconds"]
+    code, out, err = run_cli(args, capsys)
+    assert code == 0, err
+    again = json.loads(out)["layers"]
+    assert [(x["cached"], x["download_seconds"], x["index_seconds"]) for x in again] == \
+        [(True, None, None)] * 3
+    assert [x["entries"] for x in again] == [x["entries"] for x in layers]
+
+
 def test_multi_platform_index_with_attestations(registry: Any, settings: Any,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
     amd = push_image(registry, "multi/app", None,

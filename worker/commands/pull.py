@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 import threading
+import time
 from typing import Any, TextIO
 
 from worker.cache.blobs import BlobCache
@@ -13,7 +14,7 @@ from worker.commands.cache import gc_after_use
 from worker.commands.common import credentials_from_args, human_size, settings_from_args
 from worker.commands.progress import RichBar
 from worker.progress import LayerState, ProgressEvent
-from worker.pull.fetch import fetch_layers
+from worker.pull.fetch import LayerTiming, fetch_layers
 from worker.pull.manifest import Platform
 from worker.pull.reference import parse_reference
 from worker.pull.registry import RegistryClient
@@ -91,6 +92,8 @@ def cmd_pull(args: argparse.Namespace) -> int:
     platform = Platform.parse(args.platform) if args.platform else None
     cache = BlobCache(settings.cache_dir)
     err = sys.stderr
+    timings: list[LayerTiming] = []
+    started = time.monotonic()
     with RegistryClient.for_reference(ref, settings, credentials=creds) as client:
         resolved = client.resolve(ref, platform)
         err.write(f"{resolved.reference} ({resolved.platform}) {resolved.manifest_digest}: "
@@ -101,13 +104,34 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
             with _RichReporter(Console(file=err)) as bar:
                 indexes = fetch_layers(resolved, settings, client=client, cache=cache,
-                                       progress=bar)
+                                       progress=bar, timings=timings)
         else:
             indexes = fetch_layers(resolved, settings, client=client, cache=cache,
-                                   progress=_PlainReporter(err))
+                                   progress=_PlainReporter(err), timings=timings)
+    seconds = time.monotonic() - started
     entries = sum(len(i.entries) for i in indexes)
     usize = sum(i.uncompressed_size for i in indexes)
-    print(f"pulled {resolved.reference}@{resolved.manifest_digest}: {len(indexes)} layers, "
-          f"{entries} entries, {human_size(usize)} uncompressed, cache {settings.cache_dir}")
+    if args.json:
+        by_digest = {t.digest: t for t in timings}
+        layers = []
+        for index in indexes:
+            t = by_digest.get(index.digest)
+            layers.append({
+                "digest": index.digest, "diff_id": index.diff_id,
+                "compression": index.compression,
+                "compressed_bytes": index.compressed_size,
+                "uncompressed_bytes": index.uncompressed_size, "entries": len(index.entries),
+                "cached": t is None,
+                "download_seconds": round(t.download_seconds, 4) if t else None,
+                "index_seconds": round(t.index_seconds, 4) if t else None,
+            })
+        json.dump({"image": resolved.reference, "manifest_digest": resolved.manifest_digest,
+                   "platform": str(resolved.platform), "cache_dir": str(settings.cache_dir),
+                   "layers": layers, "entries": entries, "uncompressed_bytes": usize,
+                   "seconds": round(seconds, 4)}, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        print(f"pulled {resolved.reference}@{resolved.manifest_digest}: {len(indexes)} layers, "
+              f"{entries} entries, {human_size(usize)} uncompressed, cache {settings.cache_dir}")
     gc_after_use(settings)
     return 0
