@@ -540,10 +540,12 @@ class _Output:
     Every block's place is known before the first layer is read (the allocator hands out
     blocks in the order they are written: metadata, then file data in stream order, then
     extent-tree blocks), so the whole file goes out in increasing offsets: the metadata
-    records, file data gathered into buffers of several MiB, and between them gaps that stay
-    holes and are hashed as zeros. ``pwrite`` and ``sha256`` both release the GIL, so the
-    writer thread does both while the main thread inflates the next bytes; the sha256 of the
-    image (its aligned size included) costs no second read.
+    records, runs of file data, and between them gaps that stay holes and are hashed as
+    zeros. File data is not copied: the inflated chunks are immutable ``bytes``, so views of
+    them go to the writer thread as they are, a run of adjacent files (each padded to its
+    block's end with zeros) as one ``pwritev`` of up to several MiB. ``pwritev`` and
+    ``sha256`` release the GIL, so the writer thread does both while the main thread inflates
+    the next bytes; the sha256 of the image (its aligned size included) costs no second read.
     """
 
     def __init__(self, fd: int, meta: list[tuple[int, bytes | bytearray]], size: int) -> None:
@@ -552,14 +554,14 @@ class _Output:
         meta.sort(key=lambda item: item[0], reverse=True)
         self.meta = meta
         self.size = size
-        self.buf = bytearray(WRITE_BUFFER)
-        self.base = -1          # image offset of buf[0]; -1: no buffer in use
-        self.end = 0            # bytes of buf in use
+        self.run: list[_Bytes] = []      # the data run being gathered
+        self.run_start = 0
+        self.run_end = 0
         self.sent = 0           # image offset up to which everything is queued
         self.hash = hashlib.sha256()
         self.error: BaseException | None = None
-        # a few buffers in flight: memory stays bounded, the two threads stay busy
-        self.queue: queue.Queue[tuple[int, _Bytes | None, int] | None] = queue.Queue(maxsize=2)
+        # a few runs in flight: memory stays bounded, the two threads stay busy
+        self.queue: queue.Queue[tuple[int, list[_Bytes], int] | None] = queue.Queue(maxsize=3)
         self.thread = threading.Thread(target=self._run, name="ext4-writer", daemon=True)
         self.thread.start()
 
@@ -572,33 +574,33 @@ class _Output:
                 return
             if self.error is not None:
                 continue            # keep draining so the producer never blocks
-            offset, data, gap = item
+            offset, views, gap = item
             try:
-                if data is not None:
-                    _pwrite_all(self.fd, data, offset)
-                    self.hash.update(data)
-                else:
-                    while gap > 0:
-                        n = min(gap, len(zeros))
-                        self.hash.update(zeros if n == len(zeros) else zeros[:n])
-                        gap -= n
+                if views:
+                    _pwritev_all(self.fd, views, offset)
+                    for view in views:
+                        self.hash.update(view)
+                while gap > 0:
+                    n = min(gap, len(zeros))
+                    self.hash.update(zeros if n == len(zeros) else zeros[:n])
+                    gap -= n
             except BaseException as exc:   # noqa: BLE001 - handed to the main thread
                 self.error = exc
 
-    def _send(self, offset: int, data: _Bytes | None, gap: int = 0) -> None:
+    def _send(self, offset: int, views: list[_Bytes], length: int) -> None:
         if self.error is not None:
             raise self.error
         if offset > self.sent:
-            self.queue.put((self.sent, None, offset - self.sent))
-        self.queue.put((offset, data, gap))
-        self.sent = offset + (len(data) if data is not None else gap)
+            self.queue.put((self.sent, [], offset - self.sent))
+        self.queue.put((offset, views, 0))
+        self.sent = offset + length
 
     def _meta_before(self, limit: int) -> None:
         """Queue the metadata records that start before image offset ``limit``."""
         meta = self.meta
         while meta and meta[-1][0] * BLOCK < limit:
             first, data = meta.pop()
-            run = [data]
+            run: list[_Bytes] = [data]
             nbytes = len(data)
             # adjacent whole-block records go out as one write
             while (meta and nbytes % BLOCK == 0 and nbytes < WRITE_BUFFER
@@ -606,41 +608,44 @@ class _Output:
                 data = meta.pop()[1]
                 run.append(data)
                 nbytes += len(data)
-            self._send(first * BLOCK, b"".join(run) if len(run) > 1 else run[0])
+            self._send(first * BLOCK, run, nbytes)
 
     # -- the main thread ---------------------------------------------------------------------
-    def write(self, pos: int, data: memoryview | bytes) -> None:
-        """File data at image offset ``pos`` (never below what was written before)."""
-        while len(data):
-            if self.base >= 0 and (pos < self.base + self.end
-                                   or pos - (self.base + self.end) >= BLOCK
-                                   or pos >= self.base + len(self.buf)):
-                self.flush()
-            if self.base < 0:
-                self.base = pos - pos % BLOCK
-                self._meta_before(self.base)
-            rel = pos - self.base
-            n = min(len(data), len(self.buf) - rel)
-            self.buf[rel:rel + n] = data[:n]
-            self.end = rel + n
-            pos += n
-            data = data[n:]
+    def write(self, pos: int, data: _Bytes) -> None:
+        """File data at image offset ``pos`` (never below what was written before). ``data``
+        must not change afterwards (a view of an immutable chunk)."""
+        gap = pos - self.run_end
+        if self.run and 0 <= gap < BLOCK:
+            if gap:        # the zero tail of the previous file's last block
+                self.run.append(_ZERO_BLOCK[:gap])
+        else:
+            self.close_run()
+            self._meta_before(pos)
+            self.run_start = pos
+        self.run.append(data)
+        self.run_end = pos + len(data)
+        if self.run_end - self.run_start >= WRITE_BUFFER:
+            self._send(self.run_start, self.run, self.run_end - self.run_start)
+            self.run = []
+            self.run_start = self.run_end
 
-    def flush(self) -> None:
-        """Hand the buffered data (up to its last block's end: tails read as zeros) over."""
-        if self.base >= 0 and self.end:
-            end = -(-self.end // BLOCK) * BLOCK
-            self._send(self.base, memoryview(self.buf)[:end])
-            self.buf = bytearray(WRITE_BUFFER)
-        self.base = -1
-        self.end = 0
+    def close_run(self) -> None:
+        """Hand the gathered run over, padded to its last block's end (tails read as zeros)."""
+        if self.run:
+            pad = -self.run_end % BLOCK
+            if pad:
+                self.run.append(_ZERO_BLOCK[:pad])
+                self.run_end += pad
+            self._send(self.run_start, self.run, self.run_end - self.run_start)
+            self.run = []
+        self.run_start = self.run_end
 
     def finish(self) -> str:
         """Write what is left, wait for the writer; the sha256 of the whole file."""
-        self.flush()
+        self.close_run()
         self._meta_before(self.size)
         if self.sent < self.size:
-            self._send(self.size, b"")
+            self._send(self.size, [], 0)
         self.queue.put(None)
         self.thread.join()
         if self.error is not None:
@@ -653,6 +658,24 @@ class _Output:
             self.error = self.error or Canceled("stopped")
             self.queue.put(None)
             self.thread.join()
+
+
+_ZERO_BLOCK = memoryview(bytes(BLOCK))
+#: iovecs per pwritev call (the kernel's IOV_MAX)
+_IOV_MAX = 1024
+
+
+def _pwritev_all(fd: int, views: list[_Bytes], offset: int) -> None:
+    """Write ``views`` back to back from ``offset``, in as few system calls as possible."""
+    for i in range(0, len(views), _IOV_MAX):
+        group = views[i:i + _IOV_MAX]
+        written = os.pwritev(fd, group, offset)
+        for view in group:
+            n = len(view)
+            if written < n:    # a short write (rare): finish this group piece by piece
+                _pwrite_all(fd, memoryview(view)[max(written, 0):], offset + max(written, 0))
+            written -= n
+            offset += n
 
 
 def _pwrite_all(fd: int, data: _Bytes, offset: int) -> None:
