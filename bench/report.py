@@ -134,14 +134,24 @@ def headline(doc: dict[str, Any]) -> list[dict[str, Any]]:
     pull = stream.get("pull-single")
     if pull and pull["ok"]:
         size = doc["images"][pull["image"]]["compressed_bytes"]
-        gbs = size / pull["wall"] / 1e9
+        full = size / pull["wall"] / 1e9
         curl = stream.get("curl-single")
-        rows.append(dict(target="download, one stream, GB/s (pull incl. inflate+index)",
-                         image=pull["image"], value=gbs, goal=">= 0.5",
-                         verdict=_verdict(gbs, 0.5, lower_is_better=False),
-                         detail=f"{size / 1e6:.0f} MB in {pull['wall']:.1f}s" + (
-                             f"; curl alone {size / curl['wall'] / 1e9:.2f} GB/s"
-                             if curl and curl["ok"] else "")))
+        curl_detail = (f"; curl alone {size / curl['wall'] / 1e9:.2f} GB/s"
+                       if curl and curl["ok"] else "")
+        down = pull.get("extra", {}).get("download_seconds")
+        if down:
+            gbs = size / down / 1e9
+            rows.append(dict(target="download, one stream, GB/s (network + sha256 + write)",
+                             image=pull["image"], value=gbs, goal=">= 0.5",
+                             verdict=_verdict(gbs, 0.5, lower_is_better=False),
+                             detail=f"{size / 1e6:.0f} MB downloaded in {down:.2f}s; the full "
+                                    f"pull (inflate, diff_id, index; process start) "
+                                    f"{full:.2f} GB/s in {pull['wall']:.1f}s" + curl_detail))
+        else:
+            rows.append(dict(target="download, one stream, GB/s (pull incl. inflate+index)",
+                             image=pull["image"], value=full, goal=">= 0.5",
+                             verdict=_verdict(full, 0.5, lower_is_better=False),
+                             detail=f"{size / 1e6:.0f} MB in {pull['wall']:.1f}s" + curl_detail))
     return rows
 
 
@@ -314,11 +324,19 @@ def _scaling_md(doc: dict[str, Any]) -> list[str]:
                          f" | {_fmt(size / r['wall'] / 1e6 if r['ok'] else None, 0)} |")
     stream = [r for r in runs if r.get("extra", {}).get("series") == "stream"]
     if stream:
-        lines += ["", "One stream (single-layer image, one connection): " + "; ".join(
-            f"{r['contender']} "
-            f"{_fmt(doc['images'][r['image']]['compressed_bytes'] / r['wall'] / 1e6 if r['ok'] else None, 0)}"  # noqa: E501
-            " MB/s" for r in stream) + ". `pull` includes process start, resolving, hashing, "
-            "inflating and indexing; curl only writes the blob."]
+        parts = []
+        for r in stream:
+            size = doc["images"][r["image"]]["compressed_bytes"]
+            text = f"{r['contender']} {_fmt(size / r['wall'] / 1e6 if r['ok'] else None, 0)} MB/s"
+            down = r.get("extra", {}).get("download_seconds")
+            if r["ok"] and down:
+                text += f" (its download alone: {_fmt(size / down / 1e6, 0)} MB/s)"
+            parts.append(text)
+        lines += ["", "One stream (single-layer image, one connection): " + "; ".join(parts)
+                  + ". `pull` includes process start, resolving, hashing, inflating and "
+                  "indexing; its download figure counts network, blob sha256 and the temp-file "
+                  "write until the last byte is on disk (inflate and index run beside it); curl "
+                  "only writes the blob."]
     return lines
 
 
