@@ -271,3 +271,17 @@ def test_records_and_layout_units() -> None:
     blocks = records.pack_dir_blocks([(2, b".", 2), (2, b"..", 2)]
                                      + [(20, b"x" * 200, 1)] * 40, csum_tail=True)
     assert len(blocks) == records.dir_blocks_needed([1, 2] + [200] * 40, csum_tail=True) == 3
+
+
+def test_direct_truncated_layer_names_layer_and_path(tmp_path: Path) -> None:
+    from worker.errors import CorruptLayer
+
+    plan, locate = make_plan(tmp_path, [[file("first", b"a" * 10_000),
+                                         file("second", os.urandom(300_000))]])
+    blob = Path(locate(plan.layers[0]))
+    data = blob.read_bytes()
+    blob.write_bytes(data[:200_000])       # the second file's data is cut short
+    with pytest.raises(CorruptLayer) as err:
+        build(plan, locate, tmp_path / "out.ext4", method="direct")
+    assert plan.layers[0].digest in str(err.value) and "'second'" in str(err.value)
+    assert not [p for p in tmp_path.iterdir() if "out.ext4" in p.name]
