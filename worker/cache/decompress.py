@@ -25,6 +25,9 @@ GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 CHUNK = 1 << 20
+#: compressed zstd bytes handed to the decompressor at once: a zstd RLE block expands ~32768:1,
+#: so this bounds one step's output to ~32 MiB even for a bomb
+ZSTD_STEP = 1 << 10
 
 
 def sniff_compression(head: bytes) -> str:
@@ -47,6 +50,10 @@ def media_type_compression(media_type: str) -> str | None:
     return None
 
 
+def _new_zstd() -> zstandard.ZstdDecompressionObj:
+    return zstandard.ZstdDecompressor().decompressobj()
+
+
 class Decompressor:
     """Incremental decompressor: feed compressed chunks, get uncompressed chunks back.
 
@@ -64,7 +71,7 @@ class Decompressor:
             self._d = _zlib.decompressobj(31)
             self._feed = self._feed_gzip
         elif compression == "zstd":
-            self._zd = zstandard.ZstdDecompressor().decompressobj()
+            self._zd = _new_zstd()
             self._feed = self._feed_zstd
         elif compression == "none":
             self._feed = bytes
@@ -104,25 +111,57 @@ class Decompressor:
                 return
 
     def _feed_zstd(self, data: bytes) -> bytes:
-        try:
-            return self._zd.decompress(data)
-        except zstandard.ZstdError as exc:
-            raise CorruptLayer(f"zstd stream is corrupt: {exc}", layer=self.layer) from None
+        parts = list(self._unzstd(data, 0))
+        if len(parts) == 1:
+            return parts[0]
+        return b"".join(parts)
+
+    def _unzstd(self, data: bytes, max_out: int) -> Iterator[bytes]:
+        """Decompress zstd ``data`` in pieces of about ``max_out`` bytes (0: one piece).
+
+        The decompressor cannot bound its output, so input goes in :data:`ZSTD_STEP` slices
+        (one slice of a bomb yields ~32 MiB at most) and outputs are gathered into pieces.
+        A stream may hold several frames (zstd:chunked layers, parallel compressors) and
+        skippable frames: each frame gets a fresh decompression object, started on the bytes
+        the previous one did not use.
+        """
+        view = memoryview(data)
+        pending: list[bytes] = []
+        size = 0
+        for start in range(0, len(view), ZSTD_STEP):
+            piece: bytes | memoryview = view[start:start + ZSTD_STEP]
+            while piece:
+                if self._zd.eof:
+                    self._zd = _new_zstd()
+                try:
+                    out = self._zd.decompress(piece)
+                except zstandard.ZstdError as exc:
+                    raise CorruptLayer(f"zstd stream is corrupt: {exc}",
+                                       layer=self.layer) from None
+                if out:
+                    pending.append(out)
+                    size += len(out)
+                piece = self._zd.unused_data if self._zd.eof else b""
+            if max_out and size >= max_out:
+                yield pending[0] if len(pending) == 1 else b"".join(pending)
+                pending, size = [], 0
+        if pending:
+            yield pending[0] if len(pending) == 1 else b"".join(pending)
 
     def feed(self, data: bytes) -> bytes:
         """Decompress one chunk."""
         return self._feed(data)
 
     def feed_bounded(self, data: bytes, max_out: int = CHUNK) -> Iterator[bytes]:
-        """Decompress one chunk as pieces of at most ``max_out`` bytes, so a chunk of a
-        decompression bomb never becomes one huge buffer. gzip only; zstd and plain streams
-        give :meth:`feed`'s one piece (callers bound zstd input instead)."""
+        """Decompress one chunk as pieces of about ``max_out`` bytes, so a chunk of a
+        decompression bomb never becomes one huge buffer (gzip: at most ``max_out``; zstd: at
+        most ``max_out`` plus one step's output, ~32 MiB)."""
         if self.compression == "gzip":
             yield from self._inflate(data, max_out)
-        else:
-            out = self._feed(data)
-            if out:
-                yield out
+        elif self.compression == "zstd":
+            yield from self._unzstd(data, max_out)
+        elif data:
+            yield data
 
     def finish(self) -> bytes:
         """Flush; raise CorruptLayer if the stream ended early (truncated layer)."""
@@ -135,6 +174,7 @@ class Decompressor:
                 raise CorruptLayer("gzip stream is truncated", layer=self.layer)
             return tail
         if self.compression == "zstd":
+            # eof of the last frame begun; a stream cut inside any frame ends up here
             if not self._zd.eof:
                 raise CorruptLayer("zstd stream is truncated", layer=self.layer)
             return b""
@@ -146,9 +186,7 @@ def decompress_chunks(chunks: Iterator[bytes], compression: str, *,
     """Yield uncompressed chunks from compressed ``chunks``; errors raise CorruptLayer."""
     d = Decompressor(compression, layer=layer)
     for chunk in chunks:
-        out = d.feed(chunk)
-        if out:
-            yield out
+        yield from d.feed_bounded(chunk, CHUNK)
     tail = d.finish()
     if tail:
         yield tail

@@ -50,10 +50,6 @@ from worker.settings import Settings
 
 log = logging.getLogger(__name__)
 
-# Compressed zstd bytes handed to the decompressor at once: a zstd RLE block expands ~32768:1,
-# so this bounds one step's output to ~32 MiB even for a bomb, and the size limit is checked
-# after every step. gzip needs no such step: the inflater itself stops at CHUNK bytes out.
-_ZSTD_FEED_STEP = 1 << 10
 #: minimum seconds between byte-count progress events (state changes always go out)
 PROGRESS_INTERVAL = 0.1
 
@@ -82,22 +78,8 @@ def decompress_stream(chunks: Iterable[bytes], *, layer: str | None = None,
             yield head
         yield from it
 
-    if compression == "gzip":
-        for chunk in pieces():
-            yield from d.feed_bounded(chunk, CHUNK)
-    else:
-        step = _ZSTD_FEED_STEP
-        for chunk in pieces():
-            if len(chunk) <= step:
-                out = d.feed(chunk)
-                if out:
-                    yield out
-                continue
-            view = memoryview(chunk)
-            for i in range(0, len(chunk), step):
-                out = d.feed(view[i:i + step])  # type: ignore[arg-type]
-                if out:
-                    yield out
+    for chunk in pieces():
+        yield from d.feed_bounded(chunk, CHUNK)
     tail = d.finish()
     if tail:
         yield tail
