@@ -150,8 +150,9 @@ def pack_inode(buf: bytearray, off: int, *, mode: int, uid: int, gid: int, size:
     ``blocks`` counts 512-byte sectors; times are whole seconds except mtime's nanoseconds.
     """
     m_lo, m_ep = encode_time(mtime)
-    a_lo, a_ep = encode_time(atime)
-    c_lo, c_ep = encode_time(ctime)
+    # atime and ctime are mtime's seconds for every entry of an image: encode once
+    a_lo, a_ep = (m_lo, m_ep) if atime == mtime else encode_time(atime)
+    c_lo, c_ep = (m_lo, m_ep) if ctime == mtime else encode_time(ctime)
     cr_lo, cr_ep = encode_time(crtime)
     _INODE_HEAD.pack_into(buf, off, mode, uid & 0xFFFF, size & 0xFFFFFFFF, a_lo, c_lo, m_lo, 0,
                           gid & 0xFFFF, links, blocks & 0xFFFFFFFF, flags)

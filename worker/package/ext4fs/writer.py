@@ -32,6 +32,7 @@ from worker.package.ext4fs.layout import (
     BLOCK,
     BLOCKS_PER_GROUP,
     INODE_SIZE,
+    MAX_EXTENT,
     Geometry,
     extents_for,
     plan_geometry,
@@ -311,13 +312,19 @@ class _Layout:
             for pe, node in todo:
                 e = pe.entry
                 if e.sparse is None:
-                    segments = None
-                    logical = [(0, -(-e.data_size // BLOCK))]
+                    count = -(-e.data_size // BLOCK)
+                    runs = alloc.runs(count, "file data")
+                    if len(runs) == 1 and count <= MAX_EXTENT:     # the common case
+                        node.extents = [(0, runs[0][0], count)]
+                    else:
+                        node.extents = extents_for([(0, count)], runs)
+                    jobs.append(_Data(pe, node, None))
+                    continue
                 else:
                     segments = [(o, n) for o, n in sparse_map(e) if n > 0]
                     logical = _logical_runs(segments)
                 total = sum(n for _, n in logical)
-                node.extents = extents_for(logical, alloc.runs(total, f"file data ({pe.path})"))
+                node.extents = extents_for(logical, alloc.runs(total, "file data"))
                 jobs.append(_Data(pe, node, segments))
             self.data[layer] = jobs
         # Extent tree blocks last: only now is every inode's extent count known.
@@ -690,6 +697,13 @@ def _copy_file(stream: LayerStream, sink: _Output, job: _Data) -> None:
     """Stream one file's stored bytes to its blocks."""
     extents = job.inode.extents
     stream.skip_to(job.entry.entry.data_offset)
+    if job.segments is None and len(extents) == 1:
+        # the common case (one extent, not sparse): no mapping per piece
+        base = extents[0][1] * BLOCK
+        for piece in stream.read(job.entry.entry.data_size):
+            sink.write(base, piece)
+            base += len(piece)
+        return
     ei = 0
     segments = job.segments or ((0, job.entry.entry.data_size),)
     for off, n in segments:
