@@ -285,3 +285,33 @@ def test_direct_truncated_layer_names_layer_and_path(tmp_path: Path) -> None:
         build(plan, locate, tmp_path / "out.ext4", method="direct")
     assert plan.layers[0].digest in str(err.value) and "'second'" in str(err.value)
     assert not [p for p in tmp_path.iterdir() if "out.ext4" in p.name]
+
+
+@needs_loop
+def test_direct_image_mounts_read_write_and_stays_clean(tmp_path: Path) -> None:
+    # the kernel takes the journal, the orphan file and the linear directories as its own:
+    # files created, grown, unlinked while open (through the orphan file) and a directory
+    # filled until the kernel indexes it, then unmounted, leave a clean filesystem
+    from worker.package.loop import loop_mounted
+
+    plan, locate = make_plan(tmp_path, rich_layers())
+    out = tmp_path / "rw.ext4"
+    build(plan, locate, out, method="direct")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    with loop_mounted(out, mnt, options="rw,nosuid,nodev") as root:
+        (root / "etc/new").write_bytes(os.urandom(3 << 20))
+        with open(root / "etc/passwd", "ab") as f:
+            f.write(b"more\n")
+        for i in range(400):
+            (root / "usr/bin" / f"added-{i:04d}-{'y' * 60}").write_text(str(i))
+        held = open(root / "etc/hostname", "rb")      # noqa: SIM115 - kept open on purpose
+        os.unlink(root / "etc/hostname")
+        held.close()
+        os.rename(root / "srv/shared", root / "home/user/moved")
+        os.sync()
+    check = fsck(out)
+    assert check.returncode == 0, check.stdout + check.stderr
+    listing = debugfs(out, "ls /usr/bin")
+    assert "added-0399-" in listing and "ping" in listing
+    assert "moved" in debugfs(out, "ls /home/user")
