@@ -313,3 +313,19 @@ def test_global_pax_headers_cannot_pile_up() -> None:
     # one modest global header is fine
     ok = tarfile.TarInfo.create_pax_global_header({"comment": "hi"}) + make_tar([file("f", "x")])
     assert [e.path for e in index(ok).entries] == ["f"]
+
+
+@pytest.mark.parametrize("chunk_map", ["0,2,1,1", "5000,2,100,1"])
+def test_sparse_map_that_overlaps_or_runs_backwards_is_refused(chunk_map: str) -> None:
+    # GNU sparse 0.1: the stored bytes fill the chunks in map order, so such a map has no
+    # single reading; it is refused naming the layer and the path
+    ti = tarfile.TarInfo("weird/sparse")
+    ti.size = 3
+    ti.pax_headers = {"GNU.sparse.map": chunk_map, "GNU.sparse.size": "8192",
+                      "GNU.sparse.numblocks": "2", "GNU.sparse.name": "weird/sparse"}
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        tf.addfile(ti, io.BytesIO(b"abc"))
+    with pytest.raises(CorruptLayer, match="overlap or are out of order") as info:
+        index(buf.getvalue())
+    assert info.value.layer == LAYER and "weird/sparse" in str(info.value)

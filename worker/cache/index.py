@@ -739,10 +739,18 @@ def _entry(ti: _Member, limits: IndexLimits, layer: str | None) -> IndexEntry | 
     if ti.sparse is not None:
         sparse = tuple((int(o), int(n)) for o, n in ti.sparse)
         data_size = sum(n for _, n in sparse)
+        end = 0
         for o, n in sparse:
             if o < 0 or n < 0 or o + n > size:
                 raise CorruptLayer("sparse map points outside the file", layer=layer,
                                    path=raw_name)
+            # the stored bytes fill the chunks in map order: a map that overlaps or runs
+            # backwards has no single reading (each extractor would build another file);
+            # empty chunks hold nothing (old GNU headers end with (size, 0) and unused slots)
+            if n and o < end:
+                raise CorruptLayer(f"sparse map chunks overlap or are out of order at offset {o}",
+                                   layer=layer, path=raw_name)
+            end = max(end, o + n)
     device = kind is EntryKind.CHAR or kind is EntryKind.BLOCK
     return IndexEntry(
         path=path, kind=kind, mode=ti.mode & 0o7777, uid=ti.uid, gid=ti.gid,
