@@ -14,9 +14,9 @@ from typing import Any
 
 MiB = 1 << 20
 RSS_TARGET = 256 * MiB
-OURS_COLD = ["ours-stream", "ours-mount", "ours-dir"]
-ORDER = ["ours-stream", "ours-mount", "ours-dir", "ours-warm", "ours-lowdisk", "skopeo-umoci",
-         "lower-bound", "ours-tar", "lower-bound-tar"]
+OURS_COLD = ["ours-direct", "ours-stream", "ours-mount", "ours-dir"]
+ORDER = ["ours-direct", "ours-stream", "ours-mount", "ours-dir", "ours-warm", "ours-warm-stream",
+         "ours-lowdisk", "skopeo-umoci", "lower-bound", "ours-tar", "lower-bound-tar"]
 
 
 def _group(runs: list[dict[str, Any]], series: str = "main") -> dict[tuple[str, str], list[dict]]:
@@ -46,7 +46,7 @@ def med_phase(runs: list[dict], phase: str) -> float | None:
 def default_ours(runs: list[Any]) -> str:
     """The fastest cold ext4 method measured in the main rounds (for the scaling series)."""
     dicts = [r if isinstance(r, dict) else r.to_dict() for r in runs]
-    best, best_t = "ours-stream", None
+    best, best_t = "ours-direct", None
     for name in OURS_COLD:
         walls = [r["wall"] for r in dicts if r["contender"] == name and r["ok"]]
         if walls and (best_t is None or statistics.median(walls) < best_t):
