@@ -33,7 +33,7 @@ from tests.support.imagebuilder import (
     sparse_tar,
     symlink,
 )
-from worker.errors import Canceled, ConfigError
+from worker.errors import Canceled, ConfigError, PackagingError
 from worker.export import Ext4Method
 from worker.package.ext4 import choose_method
 from worker.package.ext4fs import checksum, layout, records
@@ -315,3 +315,48 @@ def test_direct_image_mounts_read_write_and_stays_clean(tmp_path: Path) -> None:
     listing = debugfs(out, "ls /usr/bin")
     assert "added-0399-" in listing and "ping" in listing
     assert "moved" in debugfs(out, "ls /home/user")
+
+
+@needs_loop
+@pytest.mark.parametrize("method", ["direct", "stream"])
+def test_times_beyond_ext4_range_are_clamped_as_the_kernel_does(tmp_path: Path,
+                                                                method: str) -> None:
+    low, high = -(2 ** 31), 2 ** 31 - 1 + 3 * 2 ** 32
+    cases = {"max": high, "past-max": 2 ** 34 - 1, "far": 2 ** 40, "huge": 1e300,
+             "min": low, "below-min": low - 5, "far-past": -(2 ** 40), "old": -1_000_000,
+             "neg-frac": -1.5, "tiny-neg": -1e-9}
+    plan, locate = make_plan(tmp_path, [[file(name, b"x", mtime=t) for name, t in cases.items()]])
+    image = tmp_path / f"{method}.ext4"
+    build(plan, locate, image, method=method)
+    with mounted_ro(image, tmp_path / "m") as mnt:
+        got = {name: os.lstat(mnt / name).st_mtime_ns for name in cases}
+    want = {"max": high, "past-max": high, "far": high, "huge": high,
+            "min": low, "below-min": low, "far-past": low, "old": -1_000_000}
+    assert got == {**{k: v * 1_000_000_000 for k, v in want.items()},
+                   "neg-frac": -1_500_000_000, "tiny-neg": -1}
+
+
+def test_many_small_files_get_smaller_groups_like_mke2fs(tmp_path: Path) -> None:
+    # 40k empty files need more inodes than one 32768-block group can hold: like mke2fs,
+    # the writer makes more, smaller groups instead of refusing the image
+    entries = [directory(f"d{i:02d}") for i in range(40)]
+    entries += [file(f"d{i % 40:02d}/f{i}", b"") for i in range(40_000)]
+    entries.append(file("d00/data", b"payload" * 1000))
+    plan, locate = make_plan(tmp_path, [entries])
+    image = tmp_path / "many.ext4"
+    built = build(plan, locate, image, method="direct")
+    check = fsck(image)
+    assert check.returncode == 0, check.stdout + check.stderr
+    sb = dumpe2fs(image)
+    assert int(sb["Blocks per group"]) < 32768 and int(sb["Inodes per group"]) <= 32768
+    assert built.inodes >= 40_000 + 41
+    assert "f39999" in debugfs(image, "ls /d39")
+    assert debugfs(image, "cat /d00/data") == "payload" * 1000
+
+
+def test_xattrs_too_big_for_one_block_name_the_path(tmp_path: Path) -> None:
+    big = {f"user.k{i}": bytes([65 + i]) * 1500 for i in range(4)}
+    plan, locate = make_plan(tmp_path, [[directory("etc"), file("etc/heavy", b"x", xattrs=big)]])
+    with pytest.raises(PackagingError, match=r"'etc/heavy': its xattrs \(6000 bytes"):
+        build(plan, locate, tmp_path / "x.ext4", method="direct")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]   # no image, no temp

@@ -153,7 +153,9 @@ def test_time_split_and_ext4_extra_encoding() -> None:
     assert _split_time(1_650_000_000.25) == (1_650_000_000, 250_000_000)
     assert _split_time(-1.5) == (-2, 500_000_000)
     assert _split_time(float("nan")) == (0, 0)
-    assert _split_time(1e30) == (2**34, 0) and _split_time(float("-inf")) == (-(2**33), 0)
+    # ext4's range: a signed 32-bit field plus two epoch bits, clamped as the kernel does
+    assert _split_time(1e30) == (2**31 - 1 + 3 * 2**32, 0)
+    assert _split_time(float("-inf")) == (-(2**31), 0)
     assert _subsecond_commands("/f", IndexEntry("f", EntryKind.FILE, mtime=5.0)) == []
     # one conversion for every writer: the dir writer's nanoseconds and the tar's PAX mtime
     from worker.flatten.times import pax_time, split_time, to_ns
@@ -165,4 +167,10 @@ def test_time_split_and_ext4_extra_encoding() -> None:
     assert pax_time(-1.5) == "-1.5" and pax_time(-0.25) == "-0.25" and pax_time(7.0) == "7"
     # beyond 2038 the two low bits of the extra field extend the 32-bit seconds
     late = IndexEntry("f", EntryKind.FILE, mtime=float(2**31 + 5) + 0.5)
-    assert _subsecond_commands("/f", late) == [f'sif "/f" mtime_extra {(500_000_000 << 2) | 1}']
+    assert _subsecond_commands("/f", late) == [
+        f'sif "/f" mtime @{(2**31 + 5) & 0xFFFFFFFF}',
+        f'sif "/f" mtime_extra {(500_000_000 << 2) | 1}']
+    # before 1970 with a fraction: mke2fs truncates towards zero, so the seconds are set too
+    early = IndexEntry("f", EntryKind.FILE, mtime=-1.5)
+    assert _subsecond_commands("/f", early) == [
+        f'sif "/f" mtime @{-2 & 0xFFFFFFFF}', f'sif "/f" mtime_extra {500_000_000 << 2}']

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import math
 
-#: what ext4's 34-bit seconds (with the two epoch bits of the extra field) hold
-EXT4_RANGE = (-(2 ** 33), 2 ** 34)
+#: what ext4 times hold: a signed 32-bit field plus two epoch bits counting extra 2^32 s
+#: (1901-12-13 to 2446-05-10); the kernel clamps to the same range
+EXT4_RANGE = (-(2 ** 31), 2 ** 31 - 1 + 3 * 2 ** 32)
 #: whole seconds whose nanoseconds still fit a signed 64-bit count (what utimensat takes)
 NS_RANGE = (-((1 << 63) // 1_000_000_000) + 1, (1 << 63) // 1_000_000_000 - 1)
 

@@ -687,13 +687,20 @@ def _time_commands(target: str, entry: IndexEntry) -> list[str]:
 
 
 def _subsecond_commands(target: str, entry: IndexEntry) -> list[str]:
-    """``mke2fs -d`` stores whole seconds: put the nanoseconds back (``i_mtime_extra`` holds
-    them shifted left by 2 above the two epoch bits that extend the 32-bit seconds)."""
+    """``mke2fs -d`` stores whole seconds in the 32-bit field alone: put back the nanoseconds
+    (``i_mtime_extra`` holds them shifted left by 2 above the two epoch bits that extend the
+    32-bit seconds), and the seconds too where mke2fs got them wrong: it truncates negative
+    fractions towards zero and clamps times outside the signed 32-bit range."""
     seconds, ns = _split_time(entry.mtime)
-    if not ns:
+    low = (seconds + (1 << 31)) % (1 << 32) - (1 << 31)
+    if not ns and low == seconds:
         return []
-    epoch = ((seconds - ((seconds + (1 << 31)) % (1 << 32) - (1 << 31))) >> 32) & 3
-    return [f"sif {debugfs_quote(target)} mtime_extra {(ns << 2) | epoch}"]
+    epoch = ((seconds - low) >> 32) & 3
+    quoted = debugfs_quote(target)
+    # the 32-bit field as unsigned (debugfs parses no negative times); the epoch bits set
+    # right after it decide what it means
+    return [f"sif {quoted} mtime @{low & 0xFFFFFFFF}",
+            f"sif {quoted} mtime_extra {(ns << 2) | epoch}"]
 
 
 def _debugfs_fixups(image: Path, plan: FlatPlan, *, xattrs: str,

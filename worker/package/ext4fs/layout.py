@@ -17,7 +17,10 @@ from dataclasses import dataclass
 from worker.errors import PackagingError
 
 BLOCK = 4096
+#: blocks per group unless the inodes need more groups (one bitmap block holds 32768 bits)
 BLOCKS_PER_GROUP = 32768
+#: inodes one group can hold: its inode bitmap is one block
+MAX_GROUP_INODES = BLOCK * 8
 INODE_SIZE = 256
 INODES_PER_BLOCK = BLOCK // INODE_SIZE
 DESC_SIZE = 64
@@ -49,6 +52,7 @@ class Geometry:
 
     blocks: int
     groups: int
+    blocks_per_group: int
     inodes_per_group: int
     inode_table_blocks: int          # per group
     gdt_blocks: int
@@ -64,11 +68,19 @@ class Geometry:
 
     def group_blocks(self, group: int) -> int:
         """Blocks in ``group`` (the last one may be short)."""
-        return min(BLOCKS_PER_GROUP, self.blocks - group * BLOCKS_PER_GROUP)
+        return min(self.blocks_per_group, self.blocks - group * self.blocks_per_group)
 
     def reserved_runs(self) -> list[tuple[int, int]]:
         """(start, length) of every superblock + descriptor copy, primary included."""
-        return [(g * BLOCKS_PER_GROUP, 1 + self.gdt_blocks) for g in self.backups]
+        return [(g * self.blocks_per_group, 1 + self.gdt_blocks) for g in self.backups]
+
+
+def group_size(fs_blocks: int, inodes: int) -> int:
+    """Blocks per group: 32768, or fewer (a multiple of 8) when ``inodes`` need more groups
+    than that gives, the way mke2fs shrinks groups for images of many small files."""
+    groups = max(_ceil(fs_blocks, BLOCKS_PER_GROUP),
+                 _ceil(inodes, MAX_GROUP_INODES - INODES_PER_BLOCK))
+    return min(BLOCKS_PER_GROUP, _ceil(_ceil(fs_blocks, groups), 8) * 8)
 
 
 def plan_geometry(fs_blocks: int, inodes: int) -> tuple[Geometry, Allocator]:
@@ -78,16 +90,17 @@ def plan_geometry(fs_blocks: int, inodes: int) -> tuple[Geometry, Allocator]:
     A last group too short to hold its own backup plus some data is dropped (as mke2fs does),
     so the block count may come out slightly smaller than asked.
     """
-    groups = _ceil(fs_blocks, BLOCKS_PER_GROUP)
+    bpg = group_size(fs_blocks, inodes)
+    groups = _ceil(fs_blocks, bpg)
     gdt_blocks = _ceil(groups * DESC_SIZE, BLOCK)
-    rem = fs_blocks - (groups - 1) * BLOCKS_PER_GROUP
+    rem = fs_blocks - (groups - 1) * bpg
     if groups > 1 and rem < 1 + gdt_blocks + 64:
         groups -= 1
-        fs_blocks = groups * BLOCKS_PER_GROUP
+        fs_blocks = groups * bpg
         gdt_blocks = _ceil(groups * DESC_SIZE, BLOCK)
     per_group = _ceil(max(inodes, FIRST_INO + 2), groups)
-    # whole inode-table blocks; a bitmap block holds at most BLOCKS_PER_GROUP bits
-    per_group = min(BLOCKS_PER_GROUP, _ceil(per_group, INODES_PER_BLOCK) * INODES_PER_BLOCK)
+    # whole inode-table blocks; an inode bitmap block holds at most MAX_GROUP_INODES bits
+    per_group = min(MAX_GROUP_INODES, _ceil(per_group, INODES_PER_BLOCK) * INODES_PER_BLOCK)
     if per_group * groups < inodes:
         raise PackagingError(f"{inodes} inodes do not fit a filesystem of {fs_blocks} blocks")
     itable = per_group * INODE_SIZE // BLOCK
@@ -95,11 +108,12 @@ def plan_geometry(fs_blocks: int, inodes: int) -> tuple[Geometry, Allocator]:
     while (1 << log_flex) < groups:
         log_flex += 1
     backups = backup_groups(groups)
-    alloc = Allocator(fs_blocks, [(g * BLOCKS_PER_GROUP, 1 + gdt_blocks) for g in backups])
+    alloc = Allocator(fs_blocks, [(g * bpg, 1 + gdt_blocks) for g in backups])
     bbm = [alloc.contiguous(1, "block bitmaps") for _ in range(groups)]
     ibm = [alloc.contiguous(1, "inode bitmaps") for _ in range(groups)]
     tables = [alloc.contiguous(itable, "inode tables") for _ in range(groups)]
-    geo = Geometry(blocks=fs_blocks, groups=groups, inodes_per_group=per_group,
+    geo = Geometry(blocks=fs_blocks, groups=groups, blocks_per_group=bpg,
+                   inodes_per_group=per_group,
                    inode_table_blocks=itable, gdt_blocks=gdt_blocks, log_groups_per_flex=log_flex,
                    backups=backups, block_bitmaps=tuple(bbm), inode_bitmaps=tuple(ibm),
                    inode_tables=tuple(tables))

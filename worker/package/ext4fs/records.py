@@ -60,6 +60,7 @@ class SuperblockFields:
     csum_seed: int
     journal_blocks: tuple[int, ...] = ()   # s_jnl_blocks: i_block words, size hi, size lo
     orphan_inode: int = 0
+    blocks_per_group: int = 32768
 
 
 def superblock(f: SuperblockFields, group_nr: int = 0) -> bytearray:
@@ -71,7 +72,8 @@ def superblock(f: SuperblockFields, group_nr: int = 0) -> bytearray:
     t = f.fixed_time
     struct.pack_into("<IIIIIIIIIIIIIHhHHHHIIIIHH", sb, 0,
                      f.inodes, f.blocks & 0xFFFFFFFF, 0, f.free_blocks & 0xFFFFFFFF,
-                     f.free_inodes, 0, 2, 2, 32768, 32768, f.inodes_per_group,
+                     f.free_inodes, 0, 2, 2, f.blocks_per_group, f.blocks_per_group,
+                     f.inodes_per_group,
                      0, t,                      # s_mtime (never mounted), s_wtime
                      0, -1, 0xEF53, 1, 1, 0,    # mnt count, max (-1: no forced fsck), magic,
                      t, 0, 0, 1, 0, 0)          # state clean, errors continue; lastcheck...

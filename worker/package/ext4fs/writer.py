@@ -30,7 +30,6 @@ from worker.package.ext4fs import checksum as ck
 from worker.package.ext4fs import records as rec
 from worker.package.ext4fs.layout import (
     BLOCK,
-    BLOCKS_PER_GROUP,
     INODE_SIZE,
     MAX_EXTENT,
     Geometry,
@@ -106,6 +105,7 @@ class _Inode:
     xattrs: Sequence[rec.Xattr] = ()
     inline: Sequence[rec.Xattr] = ()
     xattr_block: int = 0
+    path: str = ""      # the plan path that made it (for error messages)
 
 
 @dataclass(slots=True)
@@ -161,7 +161,7 @@ class _Layout:
         e = pe.entry
         seconds, ns = split_time(e.mtime, EXT4_RANGE)
         node = _Inode(ino=ino, mode=_IFMT[e.kind] | (e.mode & 0o7777), uid=e.uid, gid=e.gid,
-                      mtime=seconds, mtime_ns=ns, atime=seconds, ctime=seconds)
+                      mtime=seconds, mtime_ns=ns, atime=seconds, ctime=seconds, path=pe.path)
         if e.xattrs:
             try:
                 node.xattrs = [rec.split_xattr(name, value) for name, value in e.xattrs]
@@ -238,8 +238,8 @@ class _Layout:
             parent.entries[index] = (ino, parent.entries[index][1], _FTYPE[kinds[ino]])
         for node in self.inodes.values():
             if node.links > rec.LINK_MAX and node.mode & 0o170000 != rec.S_IFDIR:
-                raise PackagingError(f"an inode with {node.links} hardlinks: ext4 allows at "
-                                     f"most {rec.LINK_MAX}")
+                raise PackagingError(f"{node.path!r} has {node.links} hardlinks: ext4 allows "
+                                     f"at most {rec.LINK_MAX} names for one file")
         self._allocate(csum, symlinks)
 
     def _lost_found(self, root: _Dir) -> None:
@@ -351,7 +351,7 @@ class _Layout:
                 else:
                     rest.append(x)
             if not rec.fits_block(rest):
-                raise PackagingError(f"inode {node.ino}: its xattrs ("
+                raise PackagingError(f"{node.path or node.ino!r}: its xattrs ("
                                      f"{sum(len(x.value) for x in node.xattrs)} bytes of values) "
                                      "do not fit one 4 KiB block (ea_inode is not supported)")
             node.inline = inline
@@ -424,17 +424,21 @@ def _set_bits(bitmap: bytearray, first: int, count: int) -> None:
 
 
 def _block_bitmaps(geo: Geometry, used: list[tuple[int, int]]) -> list[bytearray]:
+    bpg = geo.blocks_per_group
     maps = [bytearray(BLOCK) for _ in range(geo.groups)]
     for start, n in used:
         while n > 0:
-            g, off = divmod(start, BLOCKS_PER_GROUP)
-            take = min(n, BLOCKS_PER_GROUP - off)
+            g, off = divmod(start, bpg)
+            take = min(n, bpg - off)
             _set_bits(maps[g], off, take)
             start += take
             n -= take
-    last = geo.group_blocks(geo.groups - 1)
-    if last < BLOCKS_PER_GROUP:     # bits past the end of the filesystem read as in use
-        _set_bits(maps[-1], last, BLOCKS_PER_GROUP - last)
+    # bits past a group's last block (a short last group, or groups under 32768 blocks) read
+    # as in use
+    for g, bitmap in enumerate(maps):
+        end = geo.group_blocks(g)
+        if end < BLOCK * 8:
+            _set_bits(bitmap, end, BLOCK * 8 - end)
     return maps
 
 
@@ -484,8 +488,7 @@ def _tables(layout: _Layout) -> list[tuple[int, bytes | bytearray]]:
     free_blocks_total = free_inodes_total = 0
     for g in range(geo.groups):
         bmap = bmaps[g]
-        free_blocks = geo.group_blocks(g) - int.from_bytes(bmap, "little").bit_count() + (
-            BLOCKS_PER_GROUP - geo.group_blocks(g))
+        free_blocks = BLOCK * 8 - int.from_bytes(bmap, "little").bit_count()
         imap = bytearray(BLOCK)
         _set_bits(imap, 0, used[g])
         _set_bits(imap, ipg, BLOCK * 8 - ipg)
@@ -496,7 +499,7 @@ def _tables(layout: _Layout) -> list[tuple[int, bytes | bytearray]]:
             block_bitmap=geo.block_bitmaps[g], inode_bitmap=geo.inode_bitmaps[g],
             inode_table=geo.inode_tables[g], free_blocks=free_blocks, free_inodes=free_inodes,
             used_dirs=dirs[g], itable_unused=ipg - used[g],
-            block_bitmap_csum=ck.bitmap_csum(seed, bmap),
+            block_bitmap_csum=ck.bitmap_csum(seed, memoryview(bmap)[:geo.blocks_per_group // 8]),
             inode_bitmap_csum=ck.bitmap_csum(seed, memoryview(imap)[:ipg // 8])))
         struct.pack_into("<H", desc, 0x1E, ck.group_desc_csum(seed, g, desc))
         descs += desc
@@ -514,12 +517,13 @@ def _tables(layout: _Layout) -> list[tuple[int, bytes | bytearray]]:
         free_inodes=free_inodes_total, inodes_per_group=ipg,
         log_groups_per_flex=geo.log_groups_per_flex, uuid=spec.uuid, hash_seed=spec.hash_seed,
         label=spec.label, features=spec.features, fixed_time=spec.fixed_time,
+        blocks_per_group=geo.blocks_per_group,
         csum_seed=seed, journal_blocks=jnl,
         orphan_inode=ORPHAN_INO if "orphan_file" in spec.features else 0)
     for g in geo.backups:
         sb = rec.superblock(fields, group_nr=g)
         struct.pack_into("<I", sb, 0x3FC, ck.superblock_csum(sb))
-        start = g * BLOCKS_PER_GROUP
+        start = g * geo.blocks_per_group
         # the primary sits 1024 bytes into block 0; the copies at the start of their block
         out.append((start, bytes(1024) + sb + bytes(BLOCK - 2048) if g == 0
                     else sb + bytes(BLOCK - 1024)))
