@@ -34,6 +34,7 @@ from worker.flatten.reader import BlobLocator, LayerStream
 from worker.flatten.tarout import sparse_map
 from worker.flatten.times import to_ns
 from worker.progress import Phase, ProgressCallback, ProgressEvent, no_progress
+from worker.staging import sweep_stale, temp_prefix
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -402,7 +403,8 @@ def write_dir(plan: FlatPlan, output: str | Path, locate: BlobLocator, *,
         raise PackagingError(f"output {str(out)!r} exists and is not an empty directory")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent)
+        sweep_stale(out)
+        tmp = tempfile.mkdtemp(prefix=temp_prefix(out), dir=out.parent)
     except OSError as exc:
         raise PackagingError(f"cannot create {str(out)!r}: {exc.strerror or exc}") from exc
     try:

@@ -38,6 +38,7 @@ from worker.flatten.plan import FlatPlan, PlannedEntry
 from worker.flatten.reader import BlobLocator, LayerStream
 from worker.flatten.times import pax_time
 from worker.progress import Phase, ProgressCallback, ProgressEvent, no_progress
+from worker.staging import sweep_stale, temp_prefix
 
 BLOCKSIZE = 512
 RECORDSIZE = 20 * BLOCKSIZE
@@ -405,14 +406,15 @@ def write_tar_file(plan: FlatPlan, output: str | Path, locate: BlobLocator, *,
                    cancel: threading.Event | None = None,
                    on_layer_done: Callable[[int], None] | None = None
                    ) -> tuple[TarReport, str]:
-    """Write the tar to ``output`` via ``.NAME.tmp-XXXX`` beside it, renamed on success.
+    """Write the tar to ``output`` via a temporary name beside it, renamed on success.
 
     Returns the report and the sha256 (hex) of the file. Any failure removes the temp file.
     """
     out = Path(output)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
+        sweep_stale(out)
+        fd, tmp = tempfile.mkstemp(prefix=temp_prefix(out), dir=out.parent)
     except OSError as exc:
         raise PackagingError(f"cannot create {str(out)!r}: {exc.strerror or exc}") from exc
     try:

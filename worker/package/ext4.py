@@ -115,6 +115,7 @@ from worker.package.sizing import (
     inode_count,
 )
 from worker.progress import Phase, ProgressCallback, ProgressEvent, no_progress
+from worker.staging import sweep_stale, temp_prefix
 
 if TYPE_CHECKING:
     # worker.export imports this module from build_output: keep the import one-way at runtime.
@@ -243,7 +244,8 @@ def build_ext4(plan: FlatPlan, request: ExportRequest, settings: Settings, *,
     # A private work directory next to the output: the temporary image (renamed into place on
     # success), sizing probes, the staging directory and the mount point all live in it.
     try:
-        work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+        sweep_stale(out)
+        work = Path(tempfile.mkdtemp(prefix=temp_prefix(out), suffix=".tmp", dir=out.parent))
     except OSError as exc:
         raise PackagingError(f"cannot write {out}: {out.parent}: {exc.strerror or exc}") from exc
     # The mount method's backing file and mount point carry this process's pid and start

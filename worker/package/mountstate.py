@@ -31,6 +31,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from worker import staging
 from worker.errors import PackagingError
 from worker.package.e2fs import find_tool, tool_env
 
@@ -60,30 +61,12 @@ class MountRecord:
         return self.pid, self.start
 
 
-def process_start(pid: int) -> int | None:
-    """The start time of ``pid`` (field 22 of /proc/PID/stat), None if it does not exist."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    try:
-        return int(data.rsplit(b")", 1)[1].split()[19])
-    except (IndexError, ValueError):
-        return None
-
-
-def alive(pid: int, start: int) -> bool:
-    """Whether the process ``pid`` that started at ``start`` still runs."""
-    return process_start(pid) == start
-
-
 def current_owner() -> tuple[int, int]:
-    pid = os.getpid()
-    start = process_start(pid)
-    if start is None:
-        raise PackagingError("cannot read this process's start time from /proc")
-    return pid, start
+    """(pid, start time) of this process: the owner a mount's names and record carry."""
+    try:
+        return staging.current_owner()
+    except staging.OwnerUnknown as exc:
+        raise PackagingError(str(exc)) from None
 
 
 def mount_name() -> str:
@@ -216,7 +199,7 @@ def reap_stale() -> list[str]:
         owners.update(o for o in (_owner_of(m, _MOUNT_RE) for m in mounts) if o)
         owners.update(o for o in (_owner_of(b, _IMAGE_RE) for _, b in loops) if o)
         for owner in sorted(owners):
-            if alive(*owner):
+            if staging.alive(*owner):
                 continue
             path, rec = records.get(owner, (None, None))
             done += _reap_owner(owner, rec, path, mounts, loops)

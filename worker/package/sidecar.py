@@ -9,6 +9,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from worker.staging import sweep_stale, temp_prefix
+
 
 def sidecar_path(output: str | os.PathLike[str]) -> Path:
     """``OUT.json`` for output ``OUT``."""
@@ -21,7 +23,8 @@ def write_sidecar(output: str | os.PathLike[str], result: dict[str, Any]) -> Pat
 
     path = sidecar_path(output)
     check_output_path(str(path), directory=False)   # never over a device node or a symlink
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    sweep_stale(path)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(result, f, indent=2, sort_keys=True)
