@@ -157,6 +157,14 @@ class _Layout:
         t = self.spec.fixed_time
         return _Inode(ino=ino, mode=mode, mtime=t, atime=t, ctime=t)
 
+    def _internal_file(self, ino: int, blocks: int, what: str) -> _Inode:
+        """A reserved inode (journal, orphan file) owning ``blocks`` blocks from the allocator."""
+        node = self._fixed(ino, rec.S_IFREG | 0o600)
+        node.size = blocks * BLOCK
+        node.extents = extents_for([(0, blocks)], self.alloc.runs(blocks, what))
+        self.inodes[ino] = node
+        return node
+
     def _from_entry(self, ino: int, pe: PlannedEntry) -> _Inode:
         e = pe.entry
         seconds, ns = split_time(e.mtime, EXT4_RANGE)
@@ -258,18 +266,12 @@ class _Layout:
         journal = orphan = None
         if "has_journal" in spec.features:
             n = rec.journal_blocks(blocks)
-            journal = self._fixed(JOURNAL_INO, rec.S_IFREG | 0o600)
-            journal.size = n * BLOCK
-            journal.extents = extents_for([(0, n)], alloc.runs(n, "the journal"))
-            self.inodes[JOURNAL_INO] = journal
+            journal = self._internal_file(JOURNAL_INO, n, "the journal")
             self.meta.append((journal.extents[0][1],
                               rec.journal_superblock(n, spec.uuid)))
         if "orphan_file" in spec.features:
             n = rec.orphan_file_blocks(blocks)
-            orphan = self._fixed(ORPHAN_INO, rec.S_IFREG | 0o600)
-            orphan.size = n * BLOCK
-            orphan.extents = extents_for([(0, n)], alloc.runs(n, "the orphan file"))
-            self.inodes[ORPHAN_INO] = orphan
+            orphan = self._internal_file(ORPHAN_INO, n, "the orphan file")
             seed = ck.inode_seed(self.csum_seed, ORPHAN_INO)
             for _, phys, length in orphan.extents:
                 for b in range(phys, phys + length):
