@@ -182,8 +182,11 @@ def export(request: ExportRequest, settings: Settings, *,
     timings["resolve"] = time.monotonic() - t
     _check_cancel(cancel)
     t = time.monotonic()
-    layers = fetch_layers(resolved, settings, credentials=credentials, progress=progress,
-                          cancel=cancel)
+    # --low-disk bounds the disk the export takes: no uncompressed copies beside the blobs
+    fetch_settings = settings.model_copy(update={"cache_uncompressed": False}) \
+        if request.low_disk else settings
+    layers = fetch_layers(resolved, fetch_settings, credentials=credentials,
+                          progress=progress, cancel=cancel)
     timings["download"] = time.monotonic() - t
     result = _build(resolved, layers, request, settings, progress=progress, cancel=cancel,
                     timings=timings)

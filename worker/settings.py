@@ -40,6 +40,10 @@ class Settings(BaseSettings):
     cache_max_size: int | None = Field(default=None, ge=0,
                                        description="bytes; the CLI's pull and export evict LRU "
                                        "blobs above it when they succeed")
+    cache_uncompressed: bool = Field(default=True,
+                                     description="keep each compressed layer's tar beside its "
+                                     "blob (about 3x the disk): exports read it instead of "
+                                     "inflating the blob again; --low-disk never keeps it")
     output_dir: Path = Field(default=Path("/var/lib/rootfs-export/outputs"),
                              description="where the service writes job outputs")
 

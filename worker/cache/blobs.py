@@ -4,6 +4,9 @@ Layout under ``root``::
 
     sha256/<hex>          the blob, only ever created by an atomic rename after verification
     sha256/<hex>.index    its entry index (:func:`worker.cache.index.dump_index`), same rule
+    sha256/<hex>.tar      optional: a compressed layer's uncompressed tar, verified against its
+                          diff_id in the same pass; renamed into place before the blob, so an
+                          index never vouches for a partial one (readers also check its size)
     tmp/                  partial downloads, ``<hex>.<random>.part``, written under the
                           digest's lock: a temp whose digest lock is free is an orphan of a
                           killed writer, swept when a cache is opened
@@ -35,6 +38,7 @@ from worker.pull.reference import is_valid_digest
 log = logging.getLogger(__name__)
 
 INDEX_SUFFIX = ".index"
+TAR_SUFFIX = ".tar"
 _NO_LOCKING = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
 #: temp files older than this are leftovers of crashed writers
 STALE_TEMP_SECONDS = 24 * 3600
@@ -60,7 +64,7 @@ class CacheEntry:
     """One cached blob, as listed by ``cache ls``."""
 
     digest: str
-    size: int               # blob bytes (plus its index, if any)
+    size: int               # blob bytes (plus its index and uncompressed tar, if any)
     last_used: float        # epoch seconds
     indexed: bool
 
@@ -92,6 +96,10 @@ class BlobCache:
 
     def index_path(self, digest: str) -> Path:
         return self.blob_dir / (self._hex(digest) + INDEX_SUFFIX)
+
+    def tar_path(self, digest: str) -> Path:
+        """Where a compressed layer's uncompressed tar is kept (when it is)."""
+        return self.blob_dir / (self._hex(digest) + TAR_SUFFIX)
 
     def lock_path(self, digest: str) -> Path:
         return self.lock_dir / (self._hex(digest) + ".lock")
@@ -174,14 +182,20 @@ class BlobCache:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
 
-    def commit(self, digest: str, temp: Path, index: LayerIndex | None = None) -> Path:
+    def commit(self, digest: str, temp: Path, index: LayerIndex | None = None, *,
+               tar: Path | None = None) -> Path:
         """Move a verified temp file into place (atomic rename), then store its index.
 
-        The caller has verified the content. The blob is renamed first and the index second,
-        so a present index always has its blob; a blob without index is re-indexed by the
-        next fetch.
+        The caller has verified the content. ``tar``, a temp file holding the layer's verified
+        uncompressed tar, goes first, then the blob, then the index, so a present index always
+        has its blob (and any tar beside it is whole); a blob without index is re-indexed by
+        the next fetch.
         """
         final = self.path(digest)
+        if tar is not None:
+            with open(tar, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tar, self.tar_path(digest))
         with open(temp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(temp, final)
@@ -227,9 +241,9 @@ class BlobCache:
             os.utime(self.path(digest))
 
     def delete(self, digest: str) -> bool:
-        """Remove blob and index (low-disk mode, gc). True if something was removed."""
+        """Remove blob, index and tar (low-disk mode, gc). True if something was removed."""
         removed = False
-        for p in (self.index_path(digest), self.path(digest)):
+        for p in (self.index_path(digest), self.path(digest), self.tar_path(digest)):
             try:
                 p.unlink()
                 removed = True
@@ -255,6 +269,8 @@ class BlobCache:
                 indexed = True
             except FileNotFoundError:
                 indexed = False
+            with contextlib.suppress(FileNotFoundError):
+                size += p.with_name(name + TAR_SUFFIX).stat().st_size
             out.append(CacheEntry("sha256:" + name, size, st.st_mtime, indexed))
         out.sort(key=lambda e: (e.last_used, e.digest))
         return out
@@ -334,7 +350,9 @@ class BlobCache:
             with contextlib.suppress(OSError):
                 if now - p.stat().st_mtime > STALE_TEMP_SECONDS:
                     p.unlink()
-        for p in self.blob_dir.glob("*" + INDEX_SUFFIX):
-            if not p.with_name(p.name[:-len(INDEX_SUFFIX)]).exists():
-                with contextlib.suppress(OSError):
-                    p.unlink()
+        # an index or tar whose blob is gone (a writer killed between the renames)
+        for suffix in (INDEX_SUFFIX, TAR_SUFFIX):
+            for p in self.blob_dir.glob("*" + suffix):
+                if not p.with_name(p.name[:-len(suffix)]).exists():
+                    with contextlib.suppress(OSError):
+                        p.unlink()

@@ -30,7 +30,7 @@ from pathlib import Path
 from worker.cache.index import EntryKind, IndexEntry
 from worker.errors import Canceled, PackagingError, UnsafeLayerEntry
 from worker.flatten.plan import FlatPlan, PlannedEntry
-from worker.flatten.reader import BlobLocator, LayerStream
+from worker.flatten.reader import BlobLocator, LayerStream, open_layer
 from worker.flatten.tarout import sparse_map
 from worker.flatten.times import to_ns
 from worker.progress import Phase, ProgressCallback, ProgressEvent, no_progress
@@ -295,8 +295,7 @@ class _Applier:
             self.check()
             todo = data_layers.get(i)
             if todo:
-                stream = LayerStream(self.locate(layer), layer.compression, layer=layer.digest,
-                                     cancel=self.cancel)
+                stream = open_layer(self.locate, layer, cancel=self.cancel)
                 try:
                     for pe in todo:
                         self.current = pe.path

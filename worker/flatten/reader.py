@@ -12,6 +12,7 @@ import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from worker.cache.blobs import TAR_SUFFIX
 from worker.cache.decompress import decompress_chunks, read_file_chunks
 from worker.cache.index import LayerIndex
 from worker.errors import Canceled, CorruptLayer
@@ -33,6 +34,23 @@ def cache_locator(cache_dir: str | Path) -> BlobLocator:
     def locate(layer: LayerIndex) -> Path:
         return cache_blob_path(cache_dir, layer.digest)
     return locate
+
+
+def open_layer(locate: BlobLocator, layer: LayerIndex, *,
+               cancel: threading.Event | None = None) -> LayerStream:
+    """A :class:`LayerStream` over ``layer``: its uncompressed tar where the cache keeps one
+    beside the blob (and it has the indexed size), else the blob, inflated on the way. A tar
+    whose blob is gone is an orphan of an interrupted eviction: never read."""
+    path = Path(locate(layer))
+    if layer.compression != "none" and path.is_file():
+        plain = path.with_name(path.name + TAR_SUFFIX)
+        try:
+            whole = plain.stat().st_size == layer.uncompressed_size
+        except OSError:
+            whole = False
+        if whole:
+            return LayerStream(plain, "none", layer=layer.digest, cancel=cancel)
+    return LayerStream(path, layer.compression, layer=layer.digest, cancel=cancel)
 
 
 class LayerStream:

@@ -35,7 +35,7 @@ from typing import BinaryIO
 from worker.cache.index import EntryKind, IndexEntry
 from worker.errors import Canceled, CorruptLayer, PackagingError
 from worker.flatten.plan import FlatPlan, PlannedEntry
-from worker.flatten.reader import BlobLocator, LayerStream
+from worker.flatten.reader import BlobLocator, open_layer
 from worker.flatten.times import pax_time
 from worker.progress import Phase, ProgressCallback, ProgressEvent, no_progress
 from worker.staging import sweep_stale, temp_prefix
@@ -327,8 +327,7 @@ def _write_tar(plan: FlatPlan, out: BinaryIO, locate: BlobLocator, *,
         _check(cancel)
         todo = data_layers.get(i)
         if todo:
-            stream = LayerStream(locate(layer), layer.compression, layer=layer.digest,
-                                 cancel=cancel)
+            stream = open_layer(locate, layer, cancel=cancel)
             try:
                 for pe in todo:
                     e = pe.entry

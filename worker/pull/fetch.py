@@ -10,6 +10,7 @@ runs several layers on a bounded thread pool.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -17,6 +18,8 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
 
 from worker.cache.blobs import BlobCache
 from worker.cache.decompress import (
@@ -106,6 +109,30 @@ class LayerTiming:
     uncompressed_bytes: int
     download_seconds: float
     index_seconds: float
+
+
+class _KeptTar:
+    """The layer's uncompressed bytes, copied to a temp file while the indexer reads them, so
+    that exports read them back instead of inflating the blob again. A write error (a full
+    disk) only drops the copy: the layer itself is still pulled."""
+
+    def __init__(self, f: BinaryIO, path: Path) -> None:
+        self._fd = f.fileno()
+        self.path = path
+        self.ok = True
+
+    def tee(self, chunks: Iterable[bytes]) -> Iterator[bytes]:
+        for chunk in chunks:
+            if self.ok:
+                try:
+                    view = memoryview(chunk)
+                    while view:
+                        view = view[os.write(self._fd, view):]
+                except OSError as exc:
+                    self.ok = False
+                    log.warning("not keeping the uncompressed copy of a layer in %s: %s",
+                                self.path.parent, exc.strerror or exc)
+            yield chunk
 
 
 class _DownloadStopped(Exception):
@@ -217,7 +244,10 @@ def fetch_layer_to_cache(client: RegistryClient, ref: Reference, desc: Descripto
         if on_start is not None:
             on_start()
         started = time.monotonic()
-        with cache.temp_file(desc.digest) as (f, tmp):
+        with contextlib.ExitStack() as temps:
+            f, tmp = temps.enter_context(cache.temp_file(desc.digest))
+            keep = _KeptTar(*temps.enter_context(cache.temp_file(desc.digest))) \
+                if settings.cache_uncompressed else None
             sniffed = []
             tail = _Tail(f.fileno(), layer=desc.digest, where=str(cache.root))
             indexed: list[TarIndex] = []
@@ -226,9 +256,10 @@ def fetch_layer_to_cache(client: RegistryClient, ref: Reference, desc: Descripto
 
             def index_job() -> None:
                 try:
+                    plain = decompress_stream(tail.chunks(), layer=desc.digest,
+                                              on_sniff=sniffed.append)
                     indexed.append(index_tar_stream(
-                        decompress_stream(tail.chunks(), layer=desc.digest,
-                                          on_sniff=sniffed.append),
+                        keep.tee(plain) if keep is not None else plain,
                         layer=desc.digest, limits=limits))
                 except _DownloadStopped:
                     pass
@@ -275,8 +306,10 @@ def fetch_layer_to_cache(client: RegistryClient, ref: Reference, desc: Descripto
                          desc.media_type, compression)
             index = _make_index(desc, tar.diff_id, compression, tar.uncompressed_size,
                                 tar.entries)
+            # an uncompressed layer is its own tar: nothing to keep beside it
+            kept = keep.path if keep is not None and keep.ok and compression != "none" else None
             try:
-                cache.commit(desc.digest, tmp, index)
+                cache.commit(desc.digest, tmp, index, tar=kept)
             except OSError as exc:
                 cache.delete(desc.digest)
                 raise LayerError(f"cannot store the layer in the cache in {cache.root}: "

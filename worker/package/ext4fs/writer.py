@@ -23,7 +23,7 @@ from pathlib import Path
 from worker.cache.index import EntryKind
 from worker.errors import Canceled, LayerError, PackagingError
 from worker.flatten.plan import FlatPlan, PlannedEntry
-from worker.flatten.reader import BlobLocator, LayerStream
+from worker.flatten.reader import BlobLocator, LayerStream, open_layer
 from worker.flatten.tarout import sparse_map
 from worker.flatten.times import EXT4_RANGE, split_time
 from worker.package.ext4fs import checksum as ck
@@ -764,8 +764,7 @@ def write_image(plan: FlatPlan, image: Path, spec: DirectSpec, locate: BlobLocat
                 raise Canceled("export canceled")
             jobs = layout.data.pop(i, None)
             if jobs:
-                stream = LayerStream(locate(layer), layer.compression, layer=layer.digest,
-                                     cancel=cancel)
+                stream = open_layer(locate, layer, cancel=cancel)
                 try:
                     for job in jobs:
                         current = job.entry.path
