@@ -144,14 +144,20 @@ def dump_index(index: LayerIndex) -> bytes:
 def load_index(data: bytes) -> LayerIndex:
     """Inverse of :func:`dump_index`; raises CorruptLayer on malformed data."""
     try:
-        raw = zstandard.ZstdDecompressor().decompress(data, max_output_size=1 << 34)
-        doc = json.loads(raw)
+        doc = json.loads(zstandard.ZstdDecompressor().decompress(data,
+                                                                 max_output_size=1 << 34))
         if doc.get(_MAGIC_KEY) != INDEX_FORMAT:
             raise ValueError(f"unknown index format {doc.get(_MAGIC_KEY)!r}")
+        # each parsed record is dropped as soon as it became an entry: the dicts of a 100k-entry
+        # layer would otherwise double its memory while the entries are built
+        objs: list[Any] = doc.pop("e")
+        entries = []
+        for i, o in enumerate(objs):
+            entries.append(_entry_from_obj(o))
+            objs[i] = None
         return LayerIndex(digest=doc["d"], diff_id=doc["i"], media_type=doc["m"],
                           compression=doc["c"], compressed_size=doc["cs"],
-                          uncompressed_size=doc["us"],
-                          entries=tuple(_entry_from_obj(o) for o in doc["e"]))
+                          uncompressed_size=doc["us"], entries=tuple(entries))
     except (zstandard.ZstdError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise CorruptLayer(f"layer index is corrupt: {exc}") from None
 
