@@ -78,3 +78,9 @@ def test_zstd_pieces_stay_bounded_when_reading_from_the_cache() -> None:
         total += len(piece)
     assert total == 512 + (256 << 20)
     assert biggest <= CHUNK + (40 << 20)
+
+
+def test_zstd_opening_with_a_skippable_frame_is_sniffed_and_read() -> None:
+    # pzstd and seekable-zstd writers start the stream with a skippable frame
+    blob = struct.pack("<II", 0x184D2A5E, 4) + b"pzst" + frames(TAR, 2)
+    assert b"".join(decompress_stream(split(blob, 4096), layer=LAYER)) == TAR

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import subprocess
 import tarfile
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 import pytest
 
 from tests.support.imagebuilder import Layer, directory, file, push_image, symlink, whiteout
+from tests.support.root import require_root
 from worker.cache.blobs import BlobCache
 from worker.errors import CorruptLayer
 from worker.export import ExportRequest, OutputFormat, build_output, export, resolve
@@ -90,3 +92,24 @@ def test_no_copy_when_disabled_or_low_disk(registry: Any, settings_factory: Any,
     assert result.output_size > 0
     cache = BlobCache(settings.cache_dir)
     assert not list(cache.blob_dir.glob("*.tar"))
+
+
+def test_a_full_cache_disk_drops_the_copy_not_the_pull(registry: Any, settings_factory: Any,
+                                                       tmp_path: Path) -> None:
+    # 8 MiB of text compresses to a few KiB: the blob fits a 1 MiB filesystem, its tar cannot
+    require_root("mounts a small tmpfs as the cache")
+    big = Layer.from_entries([file("srv/big", b"all work and no play " * 400_000)], "gzip")
+    img = push_image(registry, "kept/full", "v1", [big])
+    cache_dir = tmp_path / "small"
+    cache_dir.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "none", str(cache_dir)],
+                   check=True)
+    try:
+        settings = settings_factory(cache_dir=cache_dir)
+        (index,) = fetch_layers(resolve(img.reference, None, settings), settings)
+        cache = BlobCache(cache_dir)
+        assert cache.has(index.digest) and cache.has_index(index.digest)
+        assert not cache.tar_path(index.digest).exists()
+        assert list(cache.tmp_dir.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(cache_dir)], check=True)

@@ -23,6 +23,8 @@ except ImportError:  # pragma: no cover - depends on the installation
 
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+#: bytes 1-3 of a zstd skippable frame's magic (byte 0 is 0x50-0x5F)
+ZSTD_SKIPPABLE = b"\x2a\x4d\x18"
 
 CHUNK = 1 << 20
 #: compressed zstd bytes handed to the decompressor at once: a zstd RLE block expands ~32768:1,
@@ -31,10 +33,17 @@ ZSTD_STEP = 1 << 10
 
 
 def sniff_compression(head: bytes) -> str:
-    """Return "gzip", "zstd" or "none" from the first bytes of a blob."""
+    """Return "gzip", "zstd" or "none" from the first bytes of a blob.
+
+    A zstd stream may open with a skippable frame (magic 0x184D2A50-5F, little-endian), as
+    pzstd and seekable-zstd writers do (an uncompressed tar opens with a file name, and none
+    that a real image holds starts with those bytes).
+    """
     if head.startswith(GZIP_MAGIC):
         return "gzip"
     if head.startswith(ZSTD_MAGIC):
+        return "zstd"
+    if len(head) >= 4 and head[1:4] == ZSTD_SKIPPABLE and head[0] & 0xF0 == 0x50:
         return "zstd"
     return "none"
 

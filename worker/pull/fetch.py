@@ -130,6 +130,9 @@ class _KeptTar:
                         view = view[os.write(self._fd, view):]
                 except OSError as exc:
                     self.ok = False
+                    # give the space back at once: the blob and its index still need it
+                    with contextlib.suppress(OSError):
+                        os.ftruncate(self._fd, 0)
                     log.warning("not keeping the uncompressed copy of a layer in %s: %s",
                                 self.path.parent, exc.strerror or exc)
             yield chunk
