@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import stat
 import subprocess
 import time
@@ -174,6 +175,10 @@ def test_debian_direct_export_is_byte_reproducible(exported: Any, debian_image: 
     again = export(request, load_settings(cache_dir=tmp_path / "cache"))
     assert again.sha256 == first.sha256 and again.extra["ext4_method"] == "direct"
     assert fsck(out).returncode == 0
+    # README's quick start promises this very sha256 for the same image (auto picks direct)
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    promised = re.search(r"^sha256 ([0-9a-f]{64})$", readme, re.M)
+    assert promised is not None and promised.group(1) == first.sha256
 
 
 def test_debian_compat_shrunk_image(debian_image: Any, tmp_path: Path) -> None:

@@ -78,8 +78,10 @@ class Geometry:
 def group_size(fs_blocks: int, inodes: int) -> int:
     """Blocks per group: 32768, or fewer (a multiple of 8) when ``inodes`` need more groups
     than that gives, the way mke2fs shrinks groups for images of many small files."""
-    groups = max(_ceil(fs_blocks, BLOCKS_PER_GROUP),
-                 _ceil(inodes, MAX_GROUP_INODES - INODES_PER_BLOCK))
+    by_blocks = _ceil(fs_blocks, BLOCKS_PER_GROUP)
+    groups = _ceil(inodes, MAX_GROUP_INODES - INODES_PER_BLOCK)
+    if groups <= by_blocks:
+        return BLOCKS_PER_GROUP
     return min(BLOCKS_PER_GROUP, _ceil(_ceil(fs_blocks, groups), 8) * 8)
 
 
