@@ -324,14 +324,15 @@ def test_times_beyond_ext4_range_are_clamped_as_the_kernel_does(tmp_path: Path,
     low, high = -(2 ** 31), 2 ** 31 - 1 + 3 * 2 ** 32
     cases = {"max": high, "past-max": 2 ** 34 - 1, "far": 2 ** 40, "huge": 1e300,
              "min": low, "below-min": low - 5, "far-past": -(2 ** 40), "old": -1_000_000,
-             "neg-frac": -1.5, "tiny-neg": -1e-9}
+             "neg-frac": -1.5, "tiny-neg": -1e-9, "neg-huge": -1e300}
     plan, locate = make_plan(tmp_path, [[file(name, b"x", mtime=t) for name, t in cases.items()]])
     image = tmp_path / f"{method}.ext4"
     build(plan, locate, image, method=method)
     with mounted_ro(image, tmp_path / "m") as mnt:
         got = {name: os.lstat(mnt / name).st_mtime_ns for name in cases}
     want = {"max": high, "past-max": high, "far": high, "huge": high,
-            "min": low, "below-min": low, "far-past": low, "old": -1_000_000}
+            "min": low, "below-min": low, "far-past": low, "old": -1_000_000,
+            "neg-huge": low}
     assert got == {**{k: v * 1_000_000_000 for k, v in want.items()},
                    "neg-frac": -1_500_000_000, "tiny-neg": -1}
 

@@ -695,7 +695,8 @@ def _subsecond_commands(target: str, entry: IndexEntry) -> list[str]:
     fractions towards zero and clamps times outside the signed 32-bit range."""
     seconds, ns = _split_time(entry.mtime)
     low = (seconds + (1 << 31)) % (1 << 32) - (1 << 31)
-    if not ns and low == seconds:
+    clamped = not EXT4_RANGE[0] <= entry.mtime <= EXT4_RANGE[1]   # NaN: compares False
+    if not ns and low == seconds and not (clamped and entry.mtime == entry.mtime):
         return []
     epoch = ((seconds - low) >> 32) & 3
     quoted = debugfs_quote(target)
