@@ -18,22 +18,21 @@ from dataclasses import dataclass
 
 from worker.cache.index import EntryKind
 from worker.flatten.plan import FlatPlan
+from worker.package.ext4fs.layout import BLOCK, INODE_SIZE
+from worker.package.ext4fs.records import DIR_TAIL, EXTENTS_IN_INODE, EXTENTS_PER_BLOCK, EXTRA_ISIZE
 
-BLOCK = 4096
-INODE_SIZE = 256
 #: ext4 reserves inodes 1-10; lost+found takes 11 and orphan_file (when enabled) 12
 RESERVED_INODES = 12
 #: a symlink target shorter than this lives in the inode ("fast symlink")
 FAST_SYMLINK_MAX = 59
-#: bytes a directory block holds for entries (4096 minus the metadata_csum tail)
-DIR_BLOCK_PAYLOAD = BLOCK - 12
-#: in-inode xattr space of a 256-byte inode with 32 bytes of extra fields, minus its header
-INLINE_XATTR_SPACE = INODE_SIZE - 128 - 32 - 4
+#: bytes a directory block holds for entries (a block minus the metadata_csum tail)
+DIR_BLOCK_PAYLOAD = BLOCK - DIR_TAIL
+#: in-inode xattr space of a 256-byte inode after its extra fields, minus the xattr header
+INLINE_XATTR_SPACE = INODE_SIZE - 128 - EXTRA_ISIZE - 4
 #: an extent maps at most 32768 blocks; plan for half that (block-group boundaries, backups)
 EXTENT_BLOCKS = 16384
-#: extents held in the inode itself; one extent block holds 340
-INODE_EXTENTS = 4
-EXTENTS_PER_BLOCK = 340
+#: extents held in the inode itself (one extent block holds EXTENTS_PER_BLOCK)
+INODE_EXTENTS = EXTENTS_IN_INODE
 
 
 @dataclass(frozen=True, slots=True)
